@@ -1,0 +1,114 @@
+"""Entry point of the `alloy` command: the app, global options and error handling.
+
+Exit codes: 0 success, 2 bad input (an `InputError` or a usage error), 1 any other failure,
+130 interrupted. Tracebacks are printed only with `-v`.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import traceback
+from types import FrameType
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+import alloy
+from alloy.errors import AlloyError
+
+app = typer.Typer(
+    name="alloy",
+    help="Combine and adapt foundation-model checkpoints (Hugging Face folders in and out).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+# Options shared by several commands, declared once so their help reads the same everywhere.
+FORCE = typer.Option("--force", help="Replace a non-empty output folder (only once done).")
+ALLOW_PICKLE = typer.Option(
+    "--allow-pickle", help="Read PyTorch .bin (pickle) weights; only for files you trust."
+)
+stderr = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+class _State:
+    verbose = False
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        typer.echo(f"alloy {alloy.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Show tracebacks on errors.")
+    ] = False,
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_show_version, is_eager=True, help="Print the version."),
+    ] = False,
+) -> None:
+    _State.verbose = verbose
+
+
+def _register() -> None:
+    # Commands live in their own modules and attach themselves to `app` on import.
+    from alloy.cli import inspect as _inspect  # noqa: F401
+    from alloy.cli import lab as _lab  # noqa: F401
+
+
+def _terminate(signum: int, frame: FrameType | None) -> None:
+    # Turn SIGTERM into an exception so `finally` blocks and atomic writers clean up.
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI and return its exit code (the console script exits with it)."""
+    _register()
+    _State.verbose = False
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        result = app(args=argv, prog_name="alloy", standalone_mode=False)
+        return result if isinstance(result, int) else 0
+    except typer.Exit as exc:
+        return exc.exit_code
+    except typer.TyperException as exc:  # usage errors: typer prints them with a hint
+        show = getattr(exc, "show", None)
+        if callable(show):
+            show()
+        else:
+            stderr.print(f"error: {exc.format_message()}", markup=False)
+        return exc.exit_code
+    except typer.Abort:
+        stderr.print("aborted")
+        return 130
+    except AlloyError as exc:
+        stderr.print(f"[bold red]error:[/] {escape(str(exc))}", markup=True)
+        if _State.verbose:
+            traceback.print_exc()
+        return exc.exit_code
+    except KeyboardInterrupt:
+        stderr.print("interrupted; nothing was written")
+        return 130
+    except Exception as exc:
+        stderr.print(
+            f"[bold red]internal error:[/] {type(exc).__name__}: {escape(str(exc))}", markup=True
+        )
+        if _State.verbose:
+            traceback.print_exc()
+        else:
+            stderr.print("run again with -v for the traceback, and please report it")
+        return 1
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def run() -> None:
+    sys.exit(main())
