@@ -18,10 +18,11 @@ def tiny(
     out: Annotated[Path, typer.Argument(metavar="OUT", help="Output folder.")],
     arch: Annotated[str, typer.Option(help="llama, mistral, qwen2, gpt2 or mixtral.")] = "llama",
     seed: Annotated[int, typer.Option(help="Seed of the weights.")] = 0,
+    layers: Annotated[int, typer.Option(help="Number of layers.")] = 2,
     force: Annotated[bool, FORCE] = False,
 ) -> None:
     """Build a tiny seeded checkpoint of a real architecture (for smoke tests and demos)."""
     from alloy.lab.tiny import build_tiny
 
-    path = build_tiny(arch, out, seed=seed, force=force)
+    path = build_tiny(arch, out, seed=seed, layers=layers, force=force)
     typer.echo(f"wrote {path}")

@@ -87,15 +87,28 @@ class Checkpoint:
         except KeyError:
             raise CheckpointError(f"{self.path}: no tensor named {name!r}") from None
 
-    def read(self, name: str) -> torch.Tensor:
-        """Read one tensor into a fresh CPU tensor of its stored dtype and shape."""
+    def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """Read one tensor (or rows [start, stop) of its first dimension) into a fresh CPU tensor.
+
+        The result has the stored dtype; a row range costs only the bytes of those rows.
+        """
         info = self.info(name)
+        shape = info.shape
+        begin, nbytes = info.begin, info.nbytes
+        if rows is not None:
+            start, stop = rows
+            if not shape or not 0 <= start <= stop <= shape[0]:
+                raise CheckpointError(f"{self.path}: rows {rows} out of range for {name} {shape}")
+            row_bytes = info.nbytes // shape[0] if shape[0] else 0
+            begin, nbytes = begin + start * row_bytes, (stop - start) * row_bytes
+            shape = (stop - start, *shape[1:])
         if self.format == "bin":
-            return self._bin_tensors(info.file)[name].clone()
-        buffer = torch.empty(info.nbytes, dtype=torch.uint8)
-        if info.nbytes:
-            _pread_into(self._fd(info.file), buffer, info.begin, info.file)
-        return buffer.view(info.dtype).reshape(info.shape)
+            tensor = self._bin_tensors(info.file)[name]
+            return (tensor if rows is None else tensor[rows[0] : rows[1]]).clone()
+        buffer = torch.empty(nbytes, dtype=torch.uint8)
+        if nbytes:
+            _pread_into(self._fd(info.file), buffer, begin, info.file)
+        return buffer.view(info.dtype).reshape(shape)
 
     def _fd(self, file: Path) -> int:
         with self._lock:

@@ -26,8 +26,8 @@ OUTPUT_HEADS = ("lm_head.weight", "embed_out.weight")
 # Persistent buffers some architectures store beside their parameters (not parameters).
 BUFFER_SUFFIXES = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")
 
-_LAYER = re.compile(r"(?:^|\.)(?:layers|h|layer|blocks)\.(\d+)\.")
-_LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+_LAYER = re.compile(r"^(.*?(?:^|\.)(?:layers|h|layer|blocks)\.)(\d+)\.(.+)$")
+LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
 _HIDDEN_KEYS = ("hidden_size", "n_embd", "d_model")
 
 
@@ -71,8 +71,14 @@ def find_by_suffix(names: Mapping[str, object], suffixes: tuple[str, ...]) -> st
     return min(hits, key=len) if hits else None
 
 
+def split_layer_name(name: str) -> tuple[str, int, str] | None:
+    """`model.layers.3.mlp.up_proj.weight` -> ("model.layers.", 3, "mlp.up_proj.weight")."""
+    match = _LAYER.match(name)
+    return (match.group(1), int(match.group(2)), match.group(3)) if match else None
+
+
 def layer_indices(names: Mapping[str, object]) -> set[int]:
-    return {int(m.group(1)) for n in names if (m := _LAYER.search(n))}
+    return {parts[1] for n in names if (parts := split_layer_name(n))}
 
 
 def model_info(config: Mapping[str, Any] | None, tensors: Mapping[str, TensorInfo]) -> ModelInfo:
@@ -82,7 +88,7 @@ def model_info(config: Mapping[str, Any] | None, tensors: Mapping[str, TensorInf
     architecture = architectures[0] if isinstance(architectures, list) and architectures else None
 
     observed_layers = layer_indices(tensors)
-    num_layers = _first(cfg, _LAYER_KEYS)
+    num_layers = _first(cfg, LAYER_KEYS)
     if observed_layers:
         count = max(observed_layers) + 1
         if num_layers is None:

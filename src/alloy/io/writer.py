@@ -19,7 +19,7 @@ import json
 import os
 import shutil
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -84,7 +84,8 @@ class CheckpointWriter:
         force: replace a non-empty `out` (only once the new checkpoint is complete).
         donor: a model folder whose side files (config, generation config, tokenizer files, chat
             template) are copied; `config_updates` are applied to its config.json.
-        model_card: text written as README.md.
+        model_card: text written as README.md, or a function returning it, called once all
+            tensors are written (so slow parts, like hashing inputs, can overlap the writing).
         extra_files: more files to write, name -> text.
 
     Use as a context manager; `write(name, tensor)` each tensor exactly once. Leaving the block
@@ -100,7 +101,7 @@ class CheckpointWriter:
         force: bool = False,
         donor: str | os.PathLike[str] | None = None,
         config_updates: Mapping[str, Any] | None = None,
-        model_card: str | None = None,
+        model_card: str | Callable[[], str] | None = None,
         extra_files: Mapping[str, str] | None = None,
     ) -> None:
         specs = list(specs)
@@ -120,7 +121,9 @@ class CheckpointWriter:
         self._names = shard_names(len(self._groups))
         self._slots: dict[str, _Slot] = {}
         self._fds: list[int] = []
-        self._written: set[str] = set()
+        self._written: set[str] = set()  # tensors whose every byte is written
+        self._blocks: dict[str, list[tuple[int, int]]] = {}  # rows written, per tensor
+        self._bytes_written: dict[str, int] = {}
         self._lock = threading.Lock()
         self._tmp: Path | None = None
 
@@ -158,24 +161,45 @@ class CheckpointWriter:
                 f"{self.total_bytes / 1e9:.2f} GB; free some space or write elsewhere"
             )
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        """Write one planned tensor (any device; cast to nothing: the dtype must match the plan)."""
+    def write(self, name: str, tensor: torch.Tensor, *, row: int | None = None) -> None:
+        """Write one planned tensor, or a block of its rows starting at `row`.
+
+        The dtype must match the plan (nothing is cast). Each tensor must be written exactly once,
+        either whole or as row blocks that together cover it without overlap.
+        """
         slot = self._slots.get(name)
         if slot is None:
             raise AlloyError(f"tensor {name!r} was not planned for {self.out}")
         spec = slot.spec
-        if tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
+        start = 0 if row is None else row
+        expected = spec.shape if row is None else (tensor.shape[0], *spec.shape[1:])
+        if (
+            tuple(tensor.shape) != tuple(expected)
+            or tensor.dtype != spec.dtype
+            or (row is not None and (not spec.shape or start + tensor.shape[0] > spec.shape[0]))
+        ):
+            where = "" if row is None else f" rows from {row}"
             raise AlloyError(
-                f"tensor {name!r}: planned {spec.dtype}{list(spec.shape)}, "
+                f"tensor {name!r}{where}: planned {spec.dtype}{list(spec.shape)}, "
                 f"got {tensor.dtype}{list(tensor.shape)}"
             )
+        row_bytes = spec.nbytes // spec.shape[0] if spec.shape and spec.shape[0] else spec.nbytes
+        nbytes = spec.nbytes if row is None else tensor.shape[0] * row_bytes
         with self._lock:
-            if name in self._written:
+            blocks = self._blocks.setdefault(name, [])
+            end = start + (spec.shape[0] if row is None and spec.shape else len(tensor))
+            if any(start < b_end and b_start < end for b_start, b_end in blocks) or (
+                row is None and blocks
+            ):
                 raise AlloyError(f"tensor {name!r} written twice")
-            self._written.add(name)
-        if spec.nbytes:
+            blocks.append((start, end))
+            self._bytes_written[name] = self._bytes_written.get(name, 0) + nbytes
+            if self._bytes_written[name] == spec.nbytes:
+                self._written.add(name)
+        if nbytes:
             data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
-            _pwrite_all(self._fds[slot.shard], memoryview(data.numpy()), slot.offset)  # type: ignore[arg-type]
+            offset = slot.offset + start * row_bytes
+            _pwrite_all(self._fds[slot.shard], memoryview(data.numpy()), offset)  # type: ignore[arg-type]
 
     def __exit__(
         self,
@@ -217,7 +241,8 @@ class CheckpointWriter:
         elif self.config_updates:
             raise AlloyError("config_updates given without a donor config")
         if self.model_card is not None:
-            (self._tmp / "README.md").write_text(self.model_card, encoding="utf-8")
+            card = self.model_card() if callable(self.model_card) else self.model_card
+            (self._tmp / "README.md").write_text(card, encoding="utf-8")
         for name, text in self.extra_files.items():
             if Path(name).name != name:
                 raise AlloyError(f"extra file {name!r} must be a plain file name")

@@ -130,16 +130,20 @@ def build_tiny(
     *,
     seed: int = 0,
     sharded: bool | None = None,
+    layers: int | None = None,
     force: bool = False,
     **overrides: Any,
 ) -> Path:
     """Save a tiny `arch` checkpoint (weights, config, tokenizer, generation config) to `out`.
 
-    `sharded` overrides the architecture's default layout (None keeps it).
+    `sharded` overrides the architecture's default layout (None keeps it); `layers` the number of
+    layers (2 by default).
     """
     from transformers import GenerationConfig
 
     spec = TINY.get(arch)
+    if layers is not None:
+        overrides["n_layer" if arch == "gpt2" else "num_hidden_layers"] = layers
     model = tiny_model(arch, seed=seed, **overrides)
     assert spec is not None
     shard = spec.max_shard_size if sharded is None else ("40KB" if sharded else None)

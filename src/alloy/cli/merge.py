@@ -1,0 +1,186 @@
+"""`alloy merge`, `alloy validate` and `alloy methods`.
+
+None of these import transformers: start-up time is part of what a user waits for.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from alloy.cli.main import ALLOW_PICKLE, FORCE, app
+from alloy.errors import InputError
+
+
+def parse_size(text: str) -> int:
+    """'5GB' -> 5_000_000_000, '512MiB' -> 536_870_912, '1000' -> 1000."""
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+    units |= {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+    cleaned = text.strip().upper().replace(" ", "")
+    number = cleaned.rstrip("KMGTIB")
+    unit = cleaned[len(number) :]
+    try:
+        value = float(number)
+    except ValueError:
+        value = -1
+    if unit not in units or value <= 0:
+        raise InputError(f"--shard-size {text!r}: expected a size such as 5GB, 500MB or 2GiB")
+    return int(value * units[unit])
+
+
+@app.command()
+def merge(
+    recipe: Annotated[Path, typer.Argument(metavar="RECIPE", help="Merge recipe (YAML).")],
+    out: Annotated[Path, typer.Argument(metavar="OUT", help="Output model folder.")],
+    force: Annotated[bool, FORCE] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Check everything and print the plan; write nothing.")
+    ] = False,
+    device: Annotated[str, typer.Option(help="Where to compute: cpu, cuda, cuda:1, ...")] = "cpu",
+    shard_size: Annotated[str, typer.Option(help="Bytes per output shard, e.g. 5GB.")] = "5GB",
+    allow_pickle: Annotated[bool, ALLOW_PICKLE] = False,
+    no_hash: Annotated[
+        bool, typer.Option("--no-hash", help="Do not record input SHA-256s in the model card.")
+    ] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Merge the models of RECIPE into OUT (mergekit-compatible YAML)."""
+    from alloy.merge.api import merge as run_merge
+    from alloy.merge.api import plan
+
+    max_shard_bytes = parse_size(shard_size)
+    merge_plan = plan(recipe, allow_pickle=allow_pickle)
+    console = Console(stderr=True, highlight=False)
+    for warning in merge_plan.warnings:
+        console.print(f"[yellow]warning:[/] {warning}", markup=True)
+    if dry_run:
+        typer.echo(merge_plan.summary())
+        return
+    command = "alloy " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv else None
+    show = not quiet and console.is_terminal
+    with Progress(
+        TextColumn("merging"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("tensors"),
+        TimeElapsedColumn(),
+        console=console,
+        disable=not show,
+        transient=True,
+    ) as progress:
+        task = progress.add_task("merge", total=len(merge_plan.jobs))
+        path = run_merge(
+            merge_plan.recipe,
+            out,
+            force=force,
+            device=device,
+            max_shard_bytes=max_shard_bytes,
+            allow_pickle=allow_pickle,
+            hash_inputs=not no_hash,
+            command=command,
+            on_tensor=lambda job: progress.advance(task),
+        )
+    if not quiet:
+        size = merge_plan.output_bytes / 1e6
+        console.print(f"wrote {path} ({len(merge_plan.jobs)} tensors, {size:,.1f} MB)")
+
+
+@app.command()
+def validate(
+    recipe: Annotated[Path, typer.Argument(metavar="RECIPE", help="Merge recipe (YAML).")],
+    allow_pickle: Annotated[bool, ALLOW_PICKLE] = False,
+    recipe_only: Annotated[
+        bool, typer.Option("--recipe-only", help="Check the recipe alone, not the models.")
+    ] = False,
+) -> None:
+    """Check a recipe and its models (headers and configs only; no tensor data is read)."""
+    from alloy.merge.api import plan
+    from alloy.merge.recipe import load_recipe
+
+    if recipe_only:
+        parsed = load_recipe(recipe)
+        typer.echo(f"ok: {parsed.method.name} recipe with {len(parsed.model_paths())} models")
+        return
+    merge_plan = plan(recipe, allow_pickle=allow_pickle)
+    for warning in merge_plan.warnings:
+        typer.echo(f"warning: {warning}", err=True)
+    typer.echo(
+        f"ok: {merge_plan.method.name} of {len(merge_plan.paths)} models, "
+        f"{len(merge_plan.jobs)} tensors, {merge_plan.output_bytes / 1e6:,.1f} MB out"
+    )
+
+
+def _describe_method(name: str) -> dict[str, Any]:
+    from alloy.merge.registry import get_method
+
+    spec = get_method(name)
+    return {
+        "name": spec.name,
+        "summary": spec.summary,
+        "reference": spec.reference,
+        "base": spec.base,
+        "models": [spec.min_models, spec.max_models],
+        "random": spec.random,
+        "properties": sorted(spec.properties),
+        "parameters": [
+            {
+                "name": p.name,
+                "type": p.kind.__name__,
+                "per_model": p.per_model,
+                "required": p.required,
+                "default": None if p.required else p.default,
+                "choices": list(p.choices) if p.choices else None,
+                "doc": p.doc,
+            }
+            for p in spec.params.values()
+        ],
+    }
+
+
+@app.command()
+def methods(
+    name: Annotated[str | None, typer.Argument(metavar="[METHOD]", help="Show one method.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """List the merge methods, or one method's parameters, defaults and reference."""
+    from alloy.merge.registry import all_methods
+
+    registry = all_methods()
+    if name is not None and name not in registry:
+        import difflib
+
+        close = difflib.get_close_matches(name, registry, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise InputError(f"unknown merge method {name!r}{hint} (see `alloy methods`)")
+    described = [_describe_method(n) for n in ([name] if name else registry)]
+    if as_json:
+        typer.echo(json.dumps(described if name is None else described[0], indent=2))
+        return
+    console = Console(highlight=False)
+    if name is None:
+        table = Table("method", "base", "summary", "reference", box=None, pad_edge=False)
+        for m in described:
+            table.add_row(m["name"], m["base"], m["summary"], m["reference"])
+        console.print(table)
+        console.print("`alloy methods NAME` shows a method's parameters.")
+        return
+    m = described[0]
+    console.print(f"[bold]{m['name']}[/]: {m['summary']}\nreference: {m['reference']}")
+    low, high = m["models"]
+    console.print(f"base model: {m['base']}; models: {low} to {high or 'any'}")
+    table = Table("parameter", "type", "scope", "default", "meaning", box=None, pad_edge=False)
+    for p in m["parameters"]:
+        kind = "|".join(p["choices"]) if p["choices"] else p["type"]
+        default = "required" if p["required"] else repr(p["default"])
+        table.add_row(
+            p["name"], kind, "per model" if p["per_model"] else "shared", default, p["doc"]
+        )
+    console.print(table)

@@ -1,0 +1,72 @@
+"""DARE with TIES sign election: random drop and rescale, then a sign-agreeing combination.
+
+With task vectors tau_i = theta_i - theta_base and d_i ~ Bernoulli(density_i) per entry:
+    1. drop:  tau_i' = rescale(d_i * tau_i)  ("density": divide by density_i, the paper's 1/p;
+       "l1", mergekit's only mode: match the L1 norm of tau_i); density >= 1 keeps tau_i whole
+    2. elect: per entry, the sign of sum_i w_i * tau_i' (`election` as in TIES)
+    3. theta = base + lambda * sum_i w_i m_i tau_i' / (normalize ? sum_i w_i m_i : 1), where m_i
+       marks the entries of model i that agree with the elected sign
+
+The drop is random: the engine seeds `generator` per tensor, so a merge is reproducible, but it
+matches mergekit 0.1.5 only statistically (mergekit draws from torch's global RNG).
+
+Yu et al., "Language Models are Super Mario: Absorbing Abilities from Homologous Models as a Free
+Lunch", ICML 2024, https://arxiv.org/abs/2311.03099
+"""
+
+from __future__ import annotations
+
+import torch
+
+from alloy.merge.methods._task_vectors import (
+    Election,
+    RescaleMode,
+    combine,
+    random_mask,
+    sparsified,
+    task_vectors,
+)
+from alloy.merge.registry import REQUIRED, merge_method
+
+
+@merge_method(
+    base="required",
+    reference="https://arxiv.org/abs/2311.03099",
+    per_model={"weight": REQUIRED, "density": 1.0},
+    properties=("idempotent", "base_fixed_point"),
+)
+def dare_ties(
+    models: list[torch.Tensor],
+    *,
+    base: torch.Tensor,
+    generator: torch.Generator,
+    weight: list[float],
+    density: list[float],
+    normalize: bool = False,
+    rescale: bool = True,
+    rescale_mode: RescaleMode = "l1",
+    election: Election = "weighted_sum",
+    lambda_: float = 1.0,
+    int8_mask: bool = False,
+) -> torch.Tensor:
+    """Random drop and rescale of each task vector, sign election, sum of agreeing entries.
+
+    Args:
+        weight: the weight of each model's task vector
+        density: the probability that each entry of a task vector is kept
+        normalize: divide by the summed weights of the agreeing models
+        rescale: rescale each dropped-out task vector (see rescale_mode)
+        rescale_mode: "l1" keeps the L1 norm (mergekit), "density" divides by the density (paper)
+        election: "weighted_sum" (mergekit), "sum" (unweighted) or "count"
+        lambda_: scale of the merged task vector
+        int8_mask: accepted for mergekit compatibility (a memory option there); no effect
+    """
+
+    def drop(i: int, delta: torch.Tensor) -> torch.Tensor:
+        if density[i] >= 1:
+            return delta
+        keep = random_mask(delta, max(density[i], 0.0), generator)
+        return sparsified(delta, keep, rescale=rescale, mode=rescale_mode, density=density[i])
+
+    deltas = task_vectors(models, base, drop)  # [N, *shape]
+    return combine(base, deltas, weight, election=election, normalize=normalize, lambda_=lambda_)

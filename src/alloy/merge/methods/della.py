@@ -1,0 +1,82 @@
+"""DELLA: magnitude-aware random drop (MagPrune), rescale, TIES sign election, disjoint mean.
+
+With task vectors tau_i = theta_i - theta_base:
+    1. MagPrune: within each row, the entry of magnitude rank r (1 = smallest) of n is kept with
+       probability p_r = density - epsilon + 2 * epsilon * (r - 1) / (n - 1), then the survivors
+       are rescaled ("l1", mergekit: match the L1 norm of tau_i; "density": divide by density,
+       the mean keep probability, where the paper divides each entry by its own p_r)
+    2. elect: per entry, the sign of sum_i w_i * tau_i' (`election` as in TIES)
+    3. theta = base + lambda * sum_i w_i m_i tau_i' / (normalize ? sum_i w_i m_i : 1), where m_i
+       marks the entries of model i that agree with the elected sign
+As in mergekit, density >= 1 keeps tau_i whole and density <= 0 zeroes it.
+
+The drop is random: the engine seeds `generator` per tensor, so a merge is reproducible, but it
+matches mergekit 0.1.5 only statistically (mergekit draws from torch's global RNG).
+
+Deep et al., "DELLA-Merging: Reducing Interference in Model Merging through Magnitude-Based
+Sampling", 2024, https://arxiv.org/abs/2406.11617
+"""
+
+from __future__ import annotations
+
+import torch
+
+from alloy.merge.methods._task_vectors import (
+    Election,
+    RescaleMode,
+    combine,
+    della_mask,
+    sparsified,
+    task_vectors,
+)
+from alloy.merge.registry import REQUIRED, merge_method
+
+
+@merge_method(
+    base="required",
+    reference="https://arxiv.org/abs/2406.11617",
+    per_model={"weight": REQUIRED, "density": 1.0, "epsilon": 0.15},
+    properties=("idempotent", "base_fixed_point"),
+)
+def della(
+    models: list[torch.Tensor],
+    *,
+    base: torch.Tensor,
+    generator: torch.Generator,
+    weight: list[float],
+    density: list[float],
+    epsilon: list[float],
+    normalize: bool = True,
+    rescale: bool = True,
+    rescale_mode: RescaleMode = "l1",
+    election: Election = "weighted_sum",
+    lambda_: float = 1.0,
+    int8_mask: bool = False,
+) -> torch.Tensor:
+    """Magnitude-aware random drop of each task vector, sign election, disjoint mean.
+
+    Args:
+        weight: the weight of each model's task vector
+        density: the mean probability that an entry of a task vector is kept
+        epsilon: keep probabilities spread over density ± epsilon by magnitude rank
+        normalize: divide by the summed weights of the agreeing models
+        rescale: rescale each pruned task vector (see rescale_mode)
+        rescale_mode: "l1" keeps the L1 norm (mergekit), "density" divides by the density
+        election: "weighted_sum" (mergekit), "sum" (unweighted) or "count"
+        lambda_: scale of the merged task vector
+        int8_mask: accepted for mergekit compatibility (a memory option there); no effect
+
+    Raises:
+        InputError: if 0 < density < 1 and density ± epsilon leaves (0, 1).
+    """
+
+    def prune(i: int, delta: torch.Tensor) -> torch.Tensor:
+        if density[i] >= 1:
+            return delta
+        if density[i] <= 0:
+            return torch.zeros_like(delta)
+        keep = della_mask(delta, density[i], epsilon[i], generator)
+        return sparsified(delta, keep, rescale=rescale, mode=rescale_mode, density=density[i])
+
+    deltas = task_vectors(models, base, prune)  # [N, *shape]
+    return combine(base, deltas, weight, election=election, normalize=normalize, lambda_=lambda_)

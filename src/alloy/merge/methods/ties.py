@@ -1,0 +1,68 @@
+"""TIES merging: trim each task vector, elect a sign per entry, average the agreeing entries.
+
+With task vectors tau_i = theta_i - theta_base:
+    1. trim: keep the top `density` fraction of |tau_i| (exactly k = int(density * n) entries)
+    2. elect: per entry, the sign of sum_i w_i * tau_i (mergekit; `election: sum` elects on the
+       unweighted sum as in the paper, `count` by majority of signs)
+    3. disjoint mean: theta = base + lambda * sum_i w_i m_i tau_i / sum_i w_i m_i, where m_i marks
+       the entries of model i that agree with the elected sign (normalize: false drops the
+       division)
+
+Yadav et al., "TIES-Merging: Resolving Interference When Merging Models", NeurIPS 2023,
+https://arxiv.org/abs/2306.01708
+"""
+
+from __future__ import annotations
+
+import torch
+
+from alloy.merge.methods._task_vectors import (
+    Election,
+    RescaleMode,
+    combine,
+    magnitude_mask,
+    sparsified,
+    task_vectors,
+)
+from alloy.merge.registry import REQUIRED, merge_method
+
+
+@merge_method(
+    base="required",
+    reference="https://arxiv.org/abs/2306.01708",
+    per_model={"weight": REQUIRED, "density": 1.0},
+    properties=("idempotent", "base_fixed_point", "order_invariant"),
+)
+def ties(
+    models: list[torch.Tensor],
+    *,
+    base: torch.Tensor,
+    weight: list[float],
+    density: list[float],
+    normalize: bool = True,
+    rescale: bool = False,
+    rescale_mode: RescaleMode = "l1",
+    election: Election = "weighted_sum",
+    lambda_: float = 1.0,
+    int8_mask: bool = False,
+) -> torch.Tensor:
+    """Trim, elect sign, disjoint mean of task vectors.
+
+    Args:
+        weight: the weight of each model's task vector
+        density: the fraction of each task vector kept (by magnitude)
+        normalize: divide by the summed weights of the agreeing models
+        rescale: rescale each trimmed task vector (see rescale_mode)
+        rescale_mode: "l1" keeps the L1 norm of the untrimmed vector (mergekit), "density"
+            divides by the density
+        election: "weighted_sum" (mergekit), "sum" (the paper: unweighted) or "count"
+        lambda_: scale of the merged task vector
+        int8_mask: accepted for mergekit compatibility (a memory option there); no effect
+    """
+
+    def trim(i: int, delta: torch.Tensor) -> torch.Tensor:
+        keep = magnitude_mask(delta, density[i])
+        return sparsified(delta, keep, rescale=rescale, mode=rescale_mode, density=density[i])
+
+    deltas = task_vectors(models, base, trim)  # [N, *shape]
+    return combine(base, deltas, weight, election=election, normalize=normalize, lambda_=lambda_)
