@@ -17,6 +17,7 @@ import torch
 from torch.testing import assert_close
 
 from alloy.merge import registry
+from alloy.merge.blocks import Elementwise
 from alloy.merge.registry import REQUIRED, MethodSpec, all_methods, merge_method
 
 METHODS = all_methods()
@@ -189,9 +190,9 @@ def _probe_module(monkeypatch: pytest.MonkeyPatch, stem: str) -> str:
 
 
 def test_registry_rejects_a_duplicate_name() -> None:
-    def linear(models: list[torch.Tensor], *, weight: list[float]) -> torch.Tensor:
+    def linear(*, weight: list[float]) -> Elementwise:
         """Another linear."""
-        return models[0]
+        return Elementwise(lambda block: block.models[0])
 
     linear.__module__ = METHODS["linear"].fn.__module__
     original = registry.METHODS["linear"]
@@ -204,9 +205,9 @@ def test_registry_rejects_a_duplicate_name() -> None:
 
 
 def test_registry_rejects_an_unannotated_parameter(monkeypatch: pytest.MonkeyPatch) -> None:
-    def probe(models: list[torch.Tensor], *, base: torch.Tensor, alpha=0.5) -> torch.Tensor:
+    def probe(*, alpha=0.5) -> Elementwise:
         """A probe."""
-        return base
+        return Elementwise(lambda block: block.models[0] * alpha)
 
     probe.__module__ = _probe_module(monkeypatch, "probe")
     try:
@@ -219,11 +220,9 @@ def test_registry_rejects_an_unannotated_parameter(monkeypatch: pytest.MonkeyPat
 def test_registry_accepts_and_describes_a_valid_probe(monkeypatch: pytest.MonkeyPatch) -> None:
     """The same probe, annotated, registers; then it is removed again."""
 
-    def probe(
-        models: list[torch.Tensor], *, base: torch.Tensor, share: list[float], alpha: float = 0.5
-    ) -> torch.Tensor:
+    def probe(*, share: list[float], alpha: float = 0.5) -> Elementwise:
         """A probe."""
-        return base
+        return Elementwise(lambda block: block.models[0] * alpha)
 
     probe.__module__ = _probe_module(monkeypatch, "probe")
     try:
@@ -240,3 +239,26 @@ def test_registry_accepts_and_describes_a_valid_probe(monkeypatch: pytest.Monkey
     finally:
         registry.METHODS.pop("probe", None)
     assert "probe" not in all_methods()
+
+
+@pytest.mark.parametrize("shape", [(40, 6), (37,), (5, 4, 3)], ids=str)
+@pytest.mark.parametrize("name", [n for n in NAMES if not METHODS[n].random])
+def test_blocking_does_not_change_the_result(
+    name: str, shape: tuple[int, ...], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Streaming over many tiny blocks (reduction passes, tie quotas carried across blocks)
+    equals one block. Values are rounded to bfloat16 so magnitudes tie often."""
+    from alloy.merge import blocks
+
+    spec = METHODS[name]
+    n = max(spec.min_models, 2) if spec.max_models is None else spec.max_models
+    base, models = tensors(n, shape, torch.float32, seed=4)
+    base, models = base.bfloat16().float(), [m.bfloat16().float() for m in models]
+    results = []
+    for size in (1 << 30, 7):
+        monkeypatch.setattr(blocks, "BLOCK_ELEMENTS", size)
+        for extra in ({}, {"rescale": True} if "rescale" in spec.params else {}):
+            results.append(run(spec, models, base, **extra))
+    half = len(results) // 2
+    for whole, streamed in zip(results[:half], results[half:], strict=True):
+        assert_close(streamed, whole, rtol=1e-6, atol=1e-6)

@@ -13,7 +13,6 @@ import torch
 from torch.testing import assert_close
 
 from alloy.errors import InputError
-from alloy.merge.methods._task_vectors import largest_mask, smallest_mask
 from alloy.merge.registry import get_method
 
 SQRT_HALF = math.sqrt(0.5)
@@ -433,21 +432,3 @@ def test_passthrough_scale() -> None:
     model = t(2, -4, 6, 1)
     assert_close(merge("passthrough", [model], scale=[0.5]), t(1, -2, 3, 0.5))
     assert_close(merge("passthrough", [model]), model)
-
-
-# magnitude selection against a stable sort
-
-
-@pytest.mark.parametrize("size", [1, 2, 7, 64, 1000])
-def test_largest_and_smallest_masks_match_a_stable_sort(size: int) -> None:
-    """Values from randint(-3, 4) tie heavily; a stable sort puts equal values lowest index
-    first, which is the rule the selection masks promise."""
-    generator = seeded(size)
-    for _ in range(5):
-        values = torch.randint(-3, 4, (size,), generator=generator).float()
-        for k in sorted({0, 1, size // 3, size // 2, size - 1, size}):
-            for descending, select in ((True, largest_mask), (False, smallest_mask)):
-                order = torch.sort(values, descending=descending, stable=True).indices
-                expected = torch.zeros(size, dtype=torch.bool)
-                expected[order[:k]] = True
-                assert torch.equal(select(values, k), expected), (size, k, descending)

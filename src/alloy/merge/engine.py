@@ -1,16 +1,18 @@
 """The streaming merge executor: read, compute and write overlap; memory stays bounded.
 
-Three stages run at once:
-    readers (threads)  positioned reads of the next jobs' input tensors, in their stored dtype,
-                       as far ahead as a byte budget allows (at least one job ahead)
-    compute (caller)   inputs -> compute dtype on the target device, the method, cast to the
-                       output dtype, back to the CPU
-    writer (thread)    positioned write of each result into its pre-planned place in the output
-File reads and writes and torch kernels release the GIL, so the stages overlap on CPU cores.
+Every output tensor is produced by its method's Merger (alloy.merge.blocks). A small tensor is
+read whole and merged in memory; a large one is streamed: each of the Merger's reduction passes
+reads it block by block from disk (the page cache, in practice), then the output is produced and
+written block by block. So memory holds a few blocks, never a whole large tensor, and peak memory
+does not grow with the model.
 
-Peak memory is the read-ahead budget plus one job's working set plus the pending writes (at most
-two results); it does not grow with the number of tensors or the size of the model beyond the
-largest single tensor.
+Three stages run at once:
+    readers (threads)  positioned reads of the upcoming inputs, in their stored dtype, as far
+                       ahead as a byte budget allows (at least one read ahead)
+    compute (caller)   inputs -> compute dtype on the target device, the Merger, cast to the
+                       output dtype, back to the CPU
+    writer (thread)    positioned writes of results into their planned place in the output
+File reads and writes and torch kernels release the GIL, so the stages overlap on CPU cores.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,10 +30,12 @@ import torch
 from alloy.errors import InputError
 from alloy.io import Checkpoint, CheckpointWriter, TensorSpec
 from alloy.io.writer import DEFAULT_MAX_SHARD_BYTES
+from alloy.merge.blocks import Block, Merger, block_seed, partition, run
 from alloy.merge.plan import MergePlan, TensorJob
 
-READ_AHEAD_BYTES = 256 << 20
-MAX_PENDING_WRITES = 2
+READ_AHEAD_BYTES = 64 << 20
+WHOLE_BYTES = 32 << 20  # jobs whose inputs are at most this large are read and merged whole
+MAX_PENDING_WRITES = 4
 
 Progress = Callable[[TensorJob], None]
 
@@ -45,6 +50,18 @@ def resolve_device(device: str) -> torch.device:
     return target
 
 
+@dataclass(frozen=True)
+class _Read:
+    """One step of the schedule: read a job's inputs (whole, or rows [start, stop))."""
+
+    job: int
+    rows: tuple[int, int] | None
+    step: int  # reduction pass, or `passes` for the output pass
+    block: int  # index in the job's partition
+    last: bool  # last block of this step
+    nbytes: int
+
+
 def execute(
     plan: MergePlan,
     out: str | os.PathLike[str],
@@ -56,6 +73,7 @@ def execute(
     allow_pickle: bool = False,
     on_tensor: Progress | None = None,
     read_ahead_bytes: int = READ_AHEAD_BYTES,
+    whole_bytes: int = WHOLE_BYTES,
 ) -> Path:
     """Run a plan and write the merged checkpoint to `out` atomically."""
     target = resolve_device(device)
@@ -77,16 +95,21 @@ def execute(
         )
         readers = stack.enter_context(ThreadPoolExecutor(2, thread_name_prefix="alloy-read"))
         writes = stack.enter_context(ThreadPoolExecutor(1, thread_name_prefix="alloy-write"))
+        mergers: dict[int, tuple[Merger, int]] = {}  # streamed jobs: Merger and its passes
+        schedule = list(_schedule(plan, checkpoints, mergers, whole_bytes))
         pending: deque[Future[None]] = deque()
+
+        def write(name: str, tensor: torch.Tensor, row: int | None) -> None:
+            while len(pending) >= MAX_PENDING_WRITES:
+                pending.popleft().result()
+            pending.append(writes.submit(writer.write, name, tensor, row=row))
+
         try:
-            for job, inputs in _read_ahead(plan.jobs, checkpoints, readers, read_ahead_bytes):
-                result = _compute(plan, job, inputs, target)
+            for read, inputs in _read_ahead(schedule, plan, checkpoints, readers, read_ahead_bytes):
+                job = plan.jobs[read.job]
+                done = _step(plan, job, read, inputs, mergers, target, write)
                 inputs.clear()  # the read-ahead machinery still references this list
-                while len(pending) >= MAX_PENDING_WRITES:
-                    pending.popleft().result()
-                pending.append(writes.submit(writer.write, job.name, result))
-                del result
-                if on_tensor is not None:
+                if done and on_tensor is not None:
                     on_tensor(job)
             while pending:
                 pending.popleft().result()
@@ -97,57 +120,105 @@ def execute(
     return Path(out)
 
 
-def _read_job(job: TensorJob, checkpoints: list[Checkpoint]) -> list[torch.Tensor]:
-    return [checkpoints[s.model].read(s.name) for s in job.sources]
-
-
 def _job_bytes(job: TensorJob, checkpoints: list[Checkpoint]) -> int:
     return sum(checkpoints[s.model].tensors[s.name].nbytes for s in job.sources)
 
 
+def _schedule(
+    plan: MergePlan,
+    checkpoints: list[Checkpoint],
+    mergers: dict[int, tuple[Merger, int]],
+    whole_bytes: int,
+) -> Iterator[_Read]:
+    """The reads the merge makes, in order: whole jobs once, streamed jobs once per pass."""
+    for j, job in enumerate(plan.jobs):
+        size = _job_bytes(job, checkpoints)
+        if job.copy or size <= whole_bytes or not job.shape:
+            yield _Read(j, None, 0, 0, True, size)
+            continue
+        merger = plan.method.make(len(job.models), **job.params)
+        passes = merger.start(job.shape, plan.compute_dtype)
+        mergers[j] = (merger, passes)
+        blocks = partition(job.shape)
+        row_bytes = size // job.shape[0]
+        for step in range(passes + 1):
+            for index, (start, stop) in enumerate(blocks):
+                last = index == len(blocks) - 1
+                yield _Read(j, (start, stop), step, index, last, (stop - start) * row_bytes)
+
+
+def _read(read: _Read, job: TensorJob, checkpoints: list[Checkpoint]) -> list[torch.Tensor]:
+    return [checkpoints[s.model].read(s.name, rows=read.rows) for s in job.sources]
+
+
 def _read_ahead(
-    jobs: list[TensorJob],
+    schedule: list[_Read],
+    plan: MergePlan,
     checkpoints: list[Checkpoint],
     pool: ThreadPoolExecutor,
     budget: int,
-) -> Iterator[tuple[TensorJob, list[torch.Tensor]]]:
-    """Yield (job, inputs) in order while reading later jobs' inputs in the background."""
-    queue: deque[tuple[TensorJob, int, Future[list[torch.Tensor]]]] = deque()
+) -> Iterator[tuple[_Read, list[torch.Tensor]]]:
+    """Yield (read, tensors) in order while later reads proceed in the background."""
+    queue: deque[tuple[_Read, Future[list[torch.Tensor]]]] = deque()
     in_flight = 0
-    upcoming = iter(jobs)
+    upcoming = iter(schedule)
     exhausted = False
     while True:
         while not exhausted and (not queue or in_flight < budget):
-            job = next(upcoming, None)
-            if job is None:
+            read = next(upcoming, None)
+            if read is None:
                 exhausted = True
                 break
-            size = _job_bytes(job, checkpoints)
-            queue.append((job, size, pool.submit(_read_job, job, checkpoints)))
-            in_flight += size
+            job = plan.jobs[read.job]
+            queue.append((read, pool.submit(_read, read, job, checkpoints)))
+            in_flight += read.nbytes
         if not queue:
             return
-        job, size, future = queue.popleft()
-        inputs = future.result()
-        in_flight -= size
-        yield job, inputs
+        read, future = queue.popleft()
+        tensors = future.result()
+        in_flight -= read.nbytes
+        yield read, tensors
 
 
-def _compute(
-    plan: MergePlan, job: TensorJob, inputs: list[torch.Tensor], device: torch.device
-) -> torch.Tensor:
+def _step(
+    plan: MergePlan,
+    job: TensorJob,
+    read: _Read,
+    inputs: list[torch.Tensor],
+    mergers: dict[int, tuple[Merger, int]],
+    device: torch.device,
+    write: Callable[[str, torch.Tensor, int | None], None],
+) -> bool:
+    """Consume one read: merge a whole job, or feed one block to a streamed job's Merger.
+
+    Returns whether the job's output is now complete.
+    """
     if job.copy:
-        return inputs[0].to(job.out_dtype)
+        write(job.name, inputs[0].to(job.out_dtype), None)
+        return True
 
     def prepare(tensor: torch.Tensor) -> torch.Tensor:
         if plan.input_dtype is not None:
             tensor = tensor.to(plan.input_dtype)  # mergekit's `dtype`: inputs rounded first
         return tensor.to(device=device, dtype=plan.compute_dtype)
 
-    models = [prepare(t) for t in inputs[: len(job.models)]]
-    base = prepare(inputs[len(job.models)]) if job.base is not None else None
-    generator = None
-    if plan.method.random:
-        generator = torch.Generator(device=device).manual_seed(job.seed)
-    result = plan.method(models, base=base, generator=generator, **job.params)
-    return result.to(dtype=job.out_dtype).cpu()
+    tensors = [prepare(t) for t in inputs]
+    models = tensors[: len(job.models)]
+    base = tensors[len(job.models)] if job.base is not None else None
+    if read.rows is None:
+        merger = plan.method.make(len(models), **job.params)
+        result = run(merger, models, base, seed=job.seed)
+        write(job.name, result.to(dtype=job.out_dtype).cpu(), None)
+        return True
+    merger, passes = mergers[read.job]
+    block = Block(models, base, read.block, read.rows[0], block_seed(job.seed, read.block))
+    if read.step < passes:
+        merger.reduce(read.step, block)
+        if read.last:
+            merger.end(read.step)
+        return False
+    result = merger.apply(block)
+    write(job.name, result.to(dtype=job.out_dtype).cpu(), read.rows[0])
+    if read.last:
+        del mergers[read.job]
+    return read.last

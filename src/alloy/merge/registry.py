@@ -1,18 +1,17 @@
-"""The registry of merge methods: one pure function per file, described by its signature.
+"""The registry of merge methods: one file per method, described by its signature.
 
-A method is a function `name(models, *, base, <parameters>) -> Tensor` in
-`alloy/merge/methods/<name>.py`, decorated with `@merge_method(...)`. The decorator reads the
-signature to learn the method's parameters (keyword-only, annotated, with defaults where optional),
-so the recipe validator, `alloy methods` and the contract tests all see the same description and
-nothing has to be listed twice.
+A method is a factory `name(*, <parameters>) -> Merger` in `alloy/merge/methods/<name>.py`,
+decorated with `@merge_method(...)`. The Merger does the maths over row blocks (see
+alloy.merge.blocks); calling the registered method with tensors runs it over them in memory,
+which makes it the plain pure function "tensors in, tensor out". The decorator reads the
+signature to learn the parameters (keyword-only, annotated, with defaults where optional), so the
+recipe validator, `alloy methods` and the contract tests all see the same description.
 
-Conventions of the function:
-    models: list[Tensor]        the N inputs, same shape and dtype  # N x [*shape]
-    base: Tensor | None         the base model's tensor (keyword; omitted if the method has no base)
-    generator: torch.Generator  seeded per tensor by the engine (keyword; random methods only)
-    per-model parameters        list[float] of length N, named in `per_model=`
-    shared parameters           bool, int, float or str scalars with defaults
-The result has the inputs' shape and dtype. Methods never touch files, devices or dtypes.
+Conventions of the factory:
+    per-model parameters        list[float] with one value per model, named in `per_model=`
+    shared parameters           bool, int, float, str or Literal[...] scalars with defaults
+The Merger never touches files, devices or dtypes: it gets blocks of the inputs (models in
+order, then the base) in the compute dtype and returns blocks of the output.
 
 Recipe names equal Python names except that a trailing underscore is dropped (`lambda_` is the
 recipe's `lambda`).
@@ -20,18 +19,20 @@ recipe's `lambda`).
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import re
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 
+from alloy.merge.blocks import Merger, run
+
 BasePolicy = Literal["required", "optional", "none"]
 _SCALARS: dict[Any, type] = {bool: bool, int: int, float: float, str: str}
-_RESERVED = {"models", "base", "generator"}
 
 # Properties a method may declare; each is checked for every method by the contract tests.
 PROPERTIES = {
@@ -69,7 +70,7 @@ REQUIRED: Any = _Required()
 @dataclass(frozen=True)
 class MethodSpec:
     name: str
-    fn: Callable[..., torch.Tensor]
+    fn: Callable[..., Merger]
     params: Mapping[str, Param]
     base: BasePolicy
     min_models: int
@@ -79,15 +80,8 @@ class MethodSpec:
     properties: frozenset[str] = field(default_factory=frozenset)
     random: bool = False
 
-    def __call__(
-        self,
-        models: list[torch.Tensor],
-        *,
-        base: torch.Tensor | None = None,
-        generator: torch.Generator | None = None,
-        **params: Any,
-    ) -> torch.Tensor:
-        """Call the method with recipe-named parameters (defaults filled in)."""
+    def make(self, n_models: int, **params: Any) -> Merger:
+        """The Merger for recipe-named parameters (defaults filled in, per-model ones expanded)."""
         kwargs: dict[str, Any] = {}
         for name, value in params.items():
             if name not in self.params:
@@ -98,12 +92,26 @@ class MethodSpec:
                 if param.required:
                     raise TypeError(f"{self.name} needs parameter {param.name!r}")
                 default = param.default
-                kwargs[param.arg] = [default] * len(models) if param.per_model else default
-        if self.base != "none":
-            kwargs["base"] = base
-        if self.random:
-            kwargs["generator"] = generator if generator is not None else torch.Generator()
-        return self.fn(models, **kwargs)
+                kwargs[param.arg] = [default] * n_models if param.per_model else default
+        return self.fn(**kwargs)
+
+    def __call__(
+        self,
+        models: Sequence[torch.Tensor],
+        *,
+        base: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        seed: int | None = None,
+        **params: Any,
+    ) -> torch.Tensor:
+        """Merge in-memory tensors: the method as a pure function, with recipe-named parameters.
+
+        Random methods draw from `seed` (or the initial seed of `generator`; default 0).
+        """
+        if seed is None:
+            seed = generator.initial_seed() if generator is not None else 0
+        merger = self.make(len(models), **params)
+        return run(merger, list(models), base if self.base != "none" else None, seed=seed)
 
 
 METHODS: dict[str, MethodSpec] = {}
@@ -117,7 +125,8 @@ def merge_method(
     min_models: int = 1,
     max_models: int | None = None,
     properties: tuple[str, ...] = (),
-) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
+    random: bool = False,
+) -> Callable[[Callable[..., Merger]], Callable[..., Merger]]:
     """Register a merge method.
 
     Args:
@@ -128,10 +137,12 @@ def merge_method(
             each as a list[float] with one value per model.
         min_models, max_models: how many non-base models the method accepts.
         properties: names from PROPERTIES that the method guarantees.
+        random: whether the method draws random numbers (from each block's generator).
     """
 
-    def register(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    def register(fn: Callable[..., Merger]) -> Callable[..., Merger]:
         spec = _describe(fn, base, reference, per_model, min_models, max_models, properties)
+        spec = dataclasses.replace(spec, random=random)
         if spec.name in METHODS:
             raise ValueError(f"merge method {spec.name!r} is registered twice")
         METHODS[spec.name] = spec
@@ -141,7 +152,7 @@ def merge_method(
 
 
 def _describe(
-    fn: Callable[..., torch.Tensor],
+    fn: Callable[..., Merger],
     base: BasePolicy,
     reference: str,
     per_model: Mapping[str, Any],
@@ -157,22 +168,17 @@ def _describe(
     if unknown:
         raise ValueError(f"{name}: unknown properties {sorted(unknown)}")
     signature = inspect.signature(fn)
-    hints = typing.get_type_hints(fn)
-    parameters = list(signature.parameters.values())
-    if not parameters or parameters[0].name != "models":
-        raise ValueError(f"{name}: the first parameter must be `models`")
+    # Parameter annotations only: the return type (the Merger class) may be defined further down.
+    hints = {
+        key: eval(value, fn.__globals__) if isinstance(value, str) else value
+        for key, value in fn.__annotations__.items()
+        if key != "return"
+    }
     docs = _arg_docs(fn.__doc__ or "")
     params: dict[str, Param] = {}
-    has_base = has_generator = False
-    for p in parameters[1:]:
+    for p in signature.parameters.values():
         if p.kind is not inspect.Parameter.KEYWORD_ONLY:
             raise ValueError(f"{name}: parameter {p.name!r} must be keyword-only")
-        if p.name == "base":
-            has_base = True
-            continue
-        if p.name == "generator":
-            has_generator = True
-            continue
         if p.name not in hints:
             raise ValueError(f"{name}: parameter {p.name!r} has no type annotation")
         recipe_name = p.name.rstrip("_")
@@ -204,10 +210,6 @@ def _describe(
     missing = set(per_model) - {p.arg for p in params.values()}
     if missing:
         raise ValueError(f"{name}: per_model names {sorted(missing)} are not parameters")
-    if has_base != (base != "none"):
-        raise ValueError(
-            f"{name}: base={base!r} but `base` is {'' if has_base else 'not '}a parameter"
-        )
     summary = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
     module_doc = (inspect.getmodule(fn).__doc__ or "") if inspect.getmodule(fn) else ""
     if not summary or not module_doc or reference not in module_doc:
@@ -222,7 +224,6 @@ def _describe(
         reference=reference,
         summary=summary,
         properties=frozenset(properties),
-        random=has_generator,
     )
 
 
@@ -249,7 +250,7 @@ def _arg_docs(doc: str) -> dict[str, str]:
         if not in_args:
             continue
         match = _ARG_LINE.match(line)
-        if match and len(line) - len(line.lstrip()) <= 8 and match.group(1) not in _RESERVED:
+        if match and len(line) - len(line.lstrip()) <= 8:
             current = match.group(1)
             result[current] = match.group(2).strip()
         elif current and stripped:

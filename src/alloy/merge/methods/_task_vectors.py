@@ -8,25 +8,29 @@ lambda and add back to the base:
     theta = base + lambda * sum_i(w_i * m_i * tau_i) / (normalize ? sum_i(w_i * m_i) : 1)
 
 where m_i is 1 where tau_i survives sparsification and agrees with the elected sign (all ones
-without election). The functions here are pure tensor maths shared by those method files.
+without election). `TaskVectorMerge` runs this over row blocks (see alloy.merge.blocks): rules
+that rank magnitudes over the whole tensor (TIES, breadcrumbs) first make radix-selection passes
+(see _ranks.py; nothing is sorted), an L1 rescale makes one more pass, then each block is merged.
 
-Magnitude selection never sorts a whole tensor (that is where mergekit 0.1.5 spends most of its
-TIES time): the k-th largest magnitude comes from `torch.kthvalue` (selection, linear time), and
-entries equal to it are admitted lowest index first until exactly k are kept. mergekit picks among
-equal magnitudes with torch's unstable sort, so its choice there is unspecified; ours is fixed.
+mergekit picks among exactly equal magnitudes with torch's unstable sort, so its choice there is
+unspecified; ours keeps the lowest indices. Everything else matches mergekit 0.1.5 bit for bit
+on float32 inputs (random rules: given the same generator stream).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 
 from alloy.errors import InputError
+from alloy.merge.blocks import Block
+from alloy.merge.methods._ranks import RankSelect, TieQuota, radix_passes
 
 Election = Literal["weighted_sum", "sum", "count"]
 RescaleMode = Literal["l1", "density"]
+Rule = Literal["none", "magnitude", "outliers", "random", "della"]
 
 
 def keep_count(numel: int, density: float) -> int:
@@ -38,147 +42,248 @@ def keep_count(numel: int, density: float) -> int:
     return max(1, int(density * numel))
 
 
-def _first_k_of(mask_eq: torch.Tensor, k: int) -> torch.Tensor:
-    """The first `k` True entries of a flat bool tensor (lowest indices), as a bool tensor."""
-    return mask_eq & (torch.cumsum(mask_eq, 0, dtype=torch.int64) <= k)
+def outlier_window(numel: int, density: float, gamma: float) -> tuple[int, int]:
+    """Model Breadcrumbs: the ascending-magnitude ranks [low, high) that are kept.
 
-
-def smallest_mask(values: torch.Tensor, k: int) -> torch.Tensor:
-    """Mask of the k smallest entries of a flat tensor, ties resolved lowest index first.
-
-    Equals the first k positions of a stable ascending sort, in linear time.
+    target = int(density * n) entries are kept: ranks n_bot .. n_bot + target - 1 where
+    n_bot = max(0, n - target - int(gamma * n)), so the outlier cut (the top gamma fraction)
+    shrinks when needed to keep the target density (mergekit's rule).
     """
-    n = values.numel()
-    if k <= 0:
-        return torch.zeros(n, dtype=torch.bool, device=values.device)
-    if k >= n:
-        return torch.ones(n, dtype=torch.bool, device=values.device)
-    threshold = torch.kthvalue(values, k).values
-    below = values < threshold
-    return below | _first_k_of(values == threshold, k - int(below.sum()))
+    target = int(density * numel)
+    low = max(0, numel - target - int(gamma * numel))
+    return low, low + target
 
 
-def largest_mask(values: torch.Tensor, k: int) -> torch.Tensor:
-    """Mask of the k largest entries of a flat tensor, ties resolved lowest index first.
-
-    Equals the first k positions of a stable descending sort, in linear time.
-    """
-    n = values.numel()
-    if k <= 0:
-        return torch.zeros(n, dtype=torch.bool, device=values.device)
-    if k >= n:
-        return torch.ones(n, dtype=torch.bool, device=values.device)
-    threshold = torch.kthvalue(values, n - k + 1).values
-    above = values > threshold
-    return above | _first_k_of(values == threshold, k - int(above.sum()))
-
-
-def magnitude_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
-    """Keep the `density` fraction of entries of largest magnitude (TIES trimming)."""
-    magnitudes = delta.abs().reshape(-1)  # [n]
-    return largest_mask(magnitudes, keep_count(delta.numel(), density)).reshape(delta.shape)
-
-
-def outlier_mask(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
-    """Model Breadcrumbs: drop the `gamma` fraction of largest magnitudes and the smallest ones.
-
-    With n entries, target = int(density * n) are kept: those ranked n_bot .. n_bot + target - 1
-    in ascending magnitude, where n_bot = max(0, n - target - int(gamma * n)), so the outlier
-    cut shrinks when needed to keep the target density (mergekit's rule).
-    """
-    n = delta.numel()
-    target = int(density * n)
-    n_bottom = max(0, n - target - int(gamma * n))
-    magnitudes = delta.abs().reshape(-1)  # [n]
-    keep = smallest_mask(magnitudes, n_bottom + target) & ~smallest_mask(magnitudes, n_bottom)
-    return keep.reshape(delta.shape)
-
-
-def della_mask(
-    delta: torch.Tensor, density: float, epsilon: float, generator: torch.Generator
-) -> torch.Tensor:
-    """DELLA MagPrune: drop entries at random, less often the larger their magnitude.
+def della_probabilities(delta: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
+    """DELLA MagPrune keep probabilities: density ± epsilon spread by magnitude rank.
 
     Entries are ranked by magnitude along dimension 1 (a 1-D tensor is one row; for 3-D tensors
     each [i, :, k] fibre is ranked separately, as mergekit does); rank r of n gets keep
     probability p = density - epsilon + 2 * epsilon * (r - 1) / (n - 1).
     """
-    if not (density - epsilon > 0 and density + epsilon < 1):
-        raise InputError(
-            f"della: density ± epsilon must lie in (0, 1), got density={density}, "
-            f"epsilon={epsilon}; lower epsilon"
-        )
     values = delta.reshape(1, -1) if delta.dim() < 2 else delta
     width = values.shape[1]
     # ranks[i, j, ...] = ascending magnitude rank of entry j along dimension 1, 0-based
     order = values.abs().argsort(dim=1, stable=True)
-    positions = torch.arange(width).view(1, width, *([1] * (values.dim() - 2)))
+    positions = torch.arange(width, device=delta.device).view(1, width, *([1] * (values.dim() - 2)))
     ranks = torch.empty_like(order).scatter_(1, order, positions.expand_as(order).contiguous())
     spread = ranks.to(values.dtype) / max(width - 1, 1)
-    probs = (density - epsilon) + 2 * epsilon * spread
-    return torch.bernoulli(probs, generator=generator).bool().reshape(delta.shape)
+    return ((density - epsilon) + 2 * epsilon * spread).reshape(delta.shape)
 
 
-def random_mask(delta: torch.Tensor, density: float, generator: torch.Generator) -> torch.Tensor:
-    """DARE: keep each entry independently with probability `density`."""
-    probs = torch.full_like(delta, density)
-    return torch.bernoulli(probs, generator=generator).bool()
+@dataclass
+class TaskVectorMerge:
+    """The task-vector family as a blockwise Merger (alloy.merge.blocks).
 
-
-def sparsified(
-    delta: torch.Tensor, keep: torch.Tensor, *, rescale: bool, mode: RescaleMode, density: float
-) -> torch.Tensor:
-    """Zero the dropped entries; optionally rescale the survivors.
-
-    mode "l1" (mergekit): scale so the L1 norm equals the original task vector's (skipped when
-    either norm is below 1e-7). mode "density" (the DARE paper): divide by the keep probability.
+    Args:
+        weights: one weight per model
+        rule: how each task vector is sparsified ("none", "magnitude" top-k, "outliers" rank
+            window, "random" Bernoulli(density), "della" rank-dependent Bernoulli)
+        density, gamma, epsilon: per-model parameters of the rule
+        rescale, rescale_mode: "l1" scales each sparsified vector back to its L1 norm (mergekit),
+            "density" divides by the density (the DARE paper)
+        election: None, or how signs are elected ("weighted_sum" mergekit, "sum" the paper)
+        normalize: divide by the summed weights (of the agreeing models, with election)
+        lambda_: scale of the merged task vector
     """
-    masked = delta * keep
-    if not rescale:
-        return masked
-    if mode == "density":
-        return masked / density if density > 0 else masked
-    before = delta.abs().sum()
-    after = masked.abs().sum()
-    if before < 1e-7 or after < 1e-7:
-        return masked
-    return masked * (before / after)
+
+    weights: list[float]
+    rule: Rule = "none"
+    density: list[float] = field(default_factory=list)
+    gamma: list[float] = field(default_factory=list)
+    epsilon: list[float] = field(default_factory=list)
+    rescale: bool = False
+    rescale_mode: RescaleMode = "l1"
+    election: Election | None = None
+    normalize: bool = False
+    lambda_: float = 1.0
+
+    def __post_init__(self) -> None:
+        n = len(self.weights)
+        self.density = self.density or [1.0] * n
+        if self.rule == "della":
+            for d, e in zip(self.density, self.epsilon, strict=True):
+                if 0 < d < 1 and not (d - e > 0 and d + e < 1):
+                    raise InputError(
+                        f"della: density ± epsilon must lie in (0, 1), got density={d}, "
+                        f"epsilon={e}; lower epsilon"
+                    )
+        self._cuts: list[list[tuple[str, int]]] = []  # per model: ("top"|"bottom", count)
+        self._selects: list[RankSelect | None] = []
+        self._selection_passes = 0
+        self._l1 = [[0.0, 0.0] for _ in range(n)]  # per model: |tau| and |sparsified tau| sums
+        self._scale = [1.0] * n
+        self._numel = 0
+        self._quotas: dict[str, list[list[TieQuota]]] = {}
+
+    def _active(self, i: int) -> bool:
+        """Whether model i's task vector is sparsified at all (mergekit: density >= 1 is not)."""
+        return self.rule != "none" and self.density[i] < 1
+
+    def start(self, shape: tuple[int, ...], dtype: torch.dtype) -> int:
+        """Plan the passes for a tensor of `shape` computed in `dtype`; returns their number."""
+        n = 1
+        for size in shape:
+            n *= size
+        self._numel = n
+        for i in range(len(self.weights)):
+            cuts: list[tuple[str, int]] = []
+            if self._active(i) and self.rule == "magnitude":
+                cuts = [("top", keep_count(n, self.density[i]))]
+            elif self._active(i) and self.rule == "outliers":
+                low, high = outlier_window(n, self.density[i], self.gamma[i])
+                cuts = [("bottom", min(high, n)), ("bottom", min(low, n))]
+            self._cuts.append(cuts)
+            # a cut of 0 or n entries needs no selection
+            ranks = [m if kind == "top" else n - m + 1 for kind, m in cuts if 0 < m < n]
+            self._selects.append(RankSelect(ranks, dtype) if ranks else None)
+        if any(select is not None for select in self._selects):
+            self._selection_passes = radix_passes(dtype)
+        rescale_pass = (
+            self.rescale
+            and self.rescale_mode == "l1"
+            and any(self._active(i) for i in range(len(self.weights)))
+        )
+        return self._selection_passes + int(rescale_pass)
+
+    def reduce(self, step: int, block: Block) -> None:
+        base = block.base
+        assert base is not None
+        deltas = [model - base for model in block.models]
+        if step < self._selection_passes:
+            for delta, select in zip(deltas, self._selects, strict=True):
+                if select is not None:
+                    select.reduce(step, delta.abs_())
+            return
+        masks = self._masks(block, deltas, "rescale")
+        for i, delta in enumerate(deltas):
+            self._l1[i][0] += float(delta.abs().sum(dtype=torch.float64))
+            mask = masks[i]
+            kept = delta if mask is None else delta * mask
+            self._l1[i][1] += float(kept.abs().sum(dtype=torch.float64))
+
+    def end(self, step: int) -> None:
+        if step < self._selection_passes:
+            for select in self._selects:
+                if select is not None:
+                    select.end(step)
+            return
+        for i, (before, after) in enumerate(self._l1):
+            if self._active(i) and before >= 1e-7 and after >= 1e-7:
+                self._scale[i] = before / after
+
+    def _tie_quotas(self, stage: str) -> list[list[TieQuota]]:
+        """Per model and cut, a fresh quota of threshold ties (each pass counts from zero)."""
+        if stage not in self._quotas:
+            quotas = []
+            for cuts, select in zip(self._cuts, self._selects, strict=True):
+                entry = []
+                j = 0
+                for kind, m in cuts:
+                    if not 0 < m < self._numel:
+                        continue
+                    assert select is not None
+                    greater, equal = select.greater[j], select.equal[j]
+                    below = self._numel - greater - equal
+                    entry.append(TieQuota(m - greater if kind == "top" else m - below))
+                    j += 1
+                quotas.append(entry)
+            self._quotas[stage] = quotas
+        return self._quotas[stage]
+
+    def _masks(
+        self, block: Block, deltas: list[torch.Tensor], stage: str
+    ) -> list[torch.Tensor | None]:
+        """Each model's keep mask on this block (None: keep everything)."""
+        generator = block.generator() if self.rule in ("random", "della") else None
+        quotas = self._tie_quotas(stage) if self._selection_passes else []
+        masks: list[torch.Tensor | None] = []
+        for i, delta in enumerate(deltas):
+            d = self.density[i]
+            if not self._active(i):
+                masks.append(None)
+            elif self.rule == "random":
+                probs = torch.full_like(delta, max(d, 0.0))
+                masks.append(torch.bernoulli(probs, generator=generator).bool())
+            elif self.rule == "della" and d > 0:
+                probs = della_probabilities(delta, d, self.epsilon[i])
+                masks.append(torch.bernoulli(probs, generator=generator).bool())
+            elif self.rule == "della":
+                masks.append(torch.zeros_like(delta, dtype=torch.bool))
+            else:
+                masks.append(self._cut_mask(i, delta.abs(), quotas[i] if quotas else []))
+        return masks
+
+    def _cut_mask(self, i: int, magnitudes: torch.Tensor, quotas: list[TieQuota]) -> torch.Tensor:
+        """Model i's ranked cuts on this block: top(k) for TIES, bottom(high) - bottom(low)."""
+        select = self._selects[i]
+        masks = []
+        j = 0
+        for kind, m in self._cuts[i]:
+            if m <= 0 or m >= self._numel:
+                masks.append(torch.full_like(magnitudes, m > 0, dtype=torch.bool))
+                continue
+            assert select is not None
+            threshold = select.threshold[j]
+            strict = magnitudes > threshold if kind == "top" else magnitudes < threshold
+            masks.append(strict | quotas[j].take(magnitudes == threshold))
+            j += 1
+        if len(masks) == 1:
+            return masks[0]
+        below_high, below_low = masks
+        return below_high & ~below_low
+
+    # -- merging a block -------------------------------------------------------------------------
+
+    def apply(self, block: Block) -> torch.Tensor:
+        base = block.base
+        assert base is not None
+        n = len(block.models)
+        deltas = torch.stack([model - base for model in block.models])  # [N, r, *rest]
+        masks = self._masks(block, list(deltas), "apply")
+        for i in range(n):
+            mask = masks[i]
+            if mask is not None:
+                deltas[i].mul_(mask)
+                if self.rescale:
+                    scale = self._scale[i] if self.rescale_mode == "l1" else 1 / self.density[i]
+                    if self.rescale_mode == "density" and self.density[i] <= 0:
+                        scale = 1.0
+                    deltas[i].mul_(scale)
+        return combine(
+            base,
+            deltas,
+            self.weights,
+            election=self.election,
+            normalize=self.normalize,
+            lambda_=self.lambda_,
+        )
 
 
-def elect(weighted: torch.Tensor, election: Election) -> torch.Tensor:
+def elect(deltas: torch.Tensor, election: Election) -> torch.Tensor:
     """TIES sign election: per entry, which models agree with the elected sign.
 
     Args:
-        weighted: weighted, sparsified task vectors  # [N, *shape]
-        election: "weighted_sum" elects the sign of the weighted sum (mergekit), "sum" that of
-            the unweighted sum (the TIES paper, which has no weights; pass unweighted vectors),
-            "count" the sign held by more models. A zero total elects +.
+        deltas: sparsified task vectors, weighted for "weighted_sum" and "count" (mergekit
+            elects on weighted vectors), unweighted for "sum" (the paper)  # [N, *shape]
+        election: "weighted_sum" and "sum" elect the sign of the sum, "count" the sign held by
+            more models. A zero total elects +.
 
     Returns:
         bool mask  # [N, *shape]; zero entries never agree
     """
-    signs = torch.sign(weighted)
-    total = signs.sum(dim=0) if election == "count" else weighted.sum(dim=0)
-    majority = torch.where(total >= 0, 1.0, -1.0).to(weighted.dtype)  # [*shape]
-    return signs == majority
-
-
-def task_vectors(
-    models: list[torch.Tensor],
-    base: torch.Tensor,
-    sparsify: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
-) -> torch.Tensor:
-    """Stack tau_i = models[i] - base, each passed through `sparsify(i, tau_i)` if given.
-
-    Returns:
-        task vectors  # [N, *shape]
-    """
-    deltas = base.new_empty((len(models), *base.shape))  # [N, *shape]
-    for i, model in enumerate(models):
-        torch.sub(model, base, out=deltas[i])
-        if sparsify is not None:
-            deltas[i] = sparsify(i, deltas[i])
-    return deltas
+    if election == "count":
+        total = torch.zeros_like(deltas[0])
+        for delta in deltas:
+            total.add_(torch.sign(delta))
+    else:
+        total = deltas.sum(dim=0)  # [*shape]
+    positive = total >= 0
+    del total
+    agree = torch.empty(deltas.shape, dtype=torch.bool, device=deltas.device)
+    for i, delta in enumerate(deltas):
+        torch.where(positive, delta > 0, delta < 0, out=agree[i])
+    return agree
 
 
 def combine(
@@ -200,23 +305,30 @@ def combine(
         normalize: divide by the sum of weights (of the models that agree, with election)
         lambda_: final scale of the merged task vector
     """
-    w = torch.tensor(weights, dtype=deltas.dtype, device=deltas.device)
-    w = w.reshape(-1, *([1] * base.dim()))  # [N, 1, ...]
     # The paper elects on the unweighted vectors; mergekit weights first.
     agree = elect(deltas, "sum") if election == "sum" else None
-    deltas.mul_(w)
-    if election is not None:
+    for delta, w in zip(deltas, weights, strict=True):
+        delta.mul_(w)
+    if election is None:
+        merged = deltas.sum(dim=0)
+        total = sum(weights)
+        if normalize and abs(total) >= 1e-8:
+            merged /= total
+    else:
         if agree is None:
             agree = elect(deltas, election)
-        merged = (deltas * agree).sum(dim=0)
-        divisor = (w * agree).sum(dim=0)
-        divisor[divisor == 0] = 1
-    else:
+        deltas.mul_(agree)
         merged = deltas.sum(dim=0)
-        divisor = w.sum(dim=0)
-        divisor[divisor.abs() < 1e-8] = 1
-    if normalize:
-        merged /= divisor
+        if normalize:
+            merged /= _agreeing_weight(agree, weights, base)
     if lambda_ != 1:
         merged *= lambda_
-    return base + merged
+    return merged.add_(base)
+
+
+def _agreeing_weight(agree: torch.Tensor, weights: list[float], like: torch.Tensor) -> torch.Tensor:
+    """Per entry, the summed weight of the models that agree (1 where none does)."""
+    divisor = torch.zeros_like(like)
+    for mask, w in zip(agree, weights, strict=True):
+        divisor += mask * w
+    return divisor.masked_fill_(divisor == 0, 1)

@@ -12,15 +12,7 @@ ECCV 2024, https://arxiv.org/abs/2312.06795
 
 from __future__ import annotations
 
-import torch
-
-from alloy.merge.methods._task_vectors import (
-    RescaleMode,
-    combine,
-    outlier_mask,
-    sparsified,
-    task_vectors,
-)
+from alloy.merge.methods._task_vectors import RescaleMode, TaskVectorMerge
 from alloy.merge.registry import REQUIRED, merge_method
 
 
@@ -31,9 +23,7 @@ from alloy.merge.registry import REQUIRED, merge_method
     properties=("idempotent", "base_fixed_point", "order_invariant"),
 )
 def breadcrumbs(
-    models: list[torch.Tensor],
     *,
-    base: torch.Tensor,
     weight: list[float],
     density: list[float],
     gamma: list[float],
@@ -42,7 +32,7 @@ def breadcrumbs(
     rescale_mode: RescaleMode = "l1",
     lambda_: float = 1.0,
     int8_mask: bool = False,
-) -> torch.Tensor:
+) -> TaskVectorMerge:
     """Keep a middle band of each task vector's magnitudes, then a weighted sum.
 
     Args:
@@ -55,12 +45,13 @@ def breadcrumbs(
         lambda_: scale of the merged task vector
         int8_mask: accepted for mergekit compatibility (a memory option there); no effect
     """
-
-    def trim(i: int, delta: torch.Tensor) -> torch.Tensor:
-        if density[i] >= 1:
-            return delta
-        keep = outlier_mask(delta, density[i], gamma[i])
-        return sparsified(delta, keep, rescale=rescale, mode=rescale_mode, density=density[i])
-
-    deltas = task_vectors(models, base, trim)  # [N, *shape]
-    return combine(base, deltas, weight, election=None, normalize=normalize, lambda_=lambda_)
+    return TaskVectorMerge(
+        weight,
+        rule="outliers",
+        density=density,
+        gamma=gamma,
+        rescale=rescale,
+        rescale_mode=rescale_mode,
+        normalize=normalize,
+        lambda_=lambda_,
+    )

@@ -13,16 +13,7 @@ ECCV 2024, https://arxiv.org/abs/2312.06795
 
 from __future__ import annotations
 
-import torch
-
-from alloy.merge.methods._task_vectors import (
-    Election,
-    RescaleMode,
-    combine,
-    outlier_mask,
-    sparsified,
-    task_vectors,
-)
+from alloy.merge.methods._task_vectors import Election, RescaleMode, TaskVectorMerge
 from alloy.merge.registry import REQUIRED, merge_method
 
 
@@ -33,9 +24,7 @@ from alloy.merge.registry import REQUIRED, merge_method
     properties=("idempotent", "base_fixed_point", "order_invariant"),
 )
 def breadcrumbs_ties(
-    models: list[torch.Tensor],
     *,
-    base: torch.Tensor,
     weight: list[float],
     density: list[float],
     gamma: list[float],
@@ -45,7 +34,7 @@ def breadcrumbs_ties(
     election: Election = "weighted_sum",
     lambda_: float = 1.0,
     int8_mask: bool = False,
-) -> torch.Tensor:
+) -> TaskVectorMerge:
     """Keep a middle band of each task vector's magnitudes, elect signs, sum agreeing entries.
 
     Args:
@@ -59,12 +48,14 @@ def breadcrumbs_ties(
         lambda_: scale of the merged task vector
         int8_mask: accepted for mergekit compatibility (a memory option there); no effect
     """
-
-    def trim(i: int, delta: torch.Tensor) -> torch.Tensor:
-        if density[i] >= 1:
-            return delta
-        keep = outlier_mask(delta, density[i], gamma[i])
-        return sparsified(delta, keep, rescale=rescale, mode=rescale_mode, density=density[i])
-
-    deltas = task_vectors(models, base, trim)  # [N, *shape]
-    return combine(base, deltas, weight, election=election, normalize=normalize, lambda_=lambda_)
+    return TaskVectorMerge(
+        weight,
+        rule="outliers",
+        density=density,
+        gamma=gamma,
+        rescale=rescale,
+        rescale_mode=rescale_mode,
+        election=election,
+        normalize=normalize,
+        lambda_=lambda_,
+    )

@@ -16,15 +16,7 @@ Lunch", ICML 2024, https://arxiv.org/abs/2311.03099
 
 from __future__ import annotations
 
-import torch
-
-from alloy.merge.methods._task_vectors import (
-    RescaleMode,
-    combine,
-    random_mask,
-    sparsified,
-    task_vectors,
-)
+from alloy.merge.methods._task_vectors import RescaleMode, TaskVectorMerge
 from alloy.merge.registry import REQUIRED, merge_method
 
 
@@ -32,13 +24,11 @@ from alloy.merge.registry import REQUIRED, merge_method
     base="required",
     reference="https://arxiv.org/abs/2311.03099",
     per_model={"weight": REQUIRED, "density": 1.0},
+    random=True,
     properties=("idempotent", "base_fixed_point"),
 )
 def dare_linear(
-    models: list[torch.Tensor],
     *,
-    base: torch.Tensor,
-    generator: torch.Generator,
     weight: list[float],
     density: list[float],
     normalize: bool = False,
@@ -46,7 +36,7 @@ def dare_linear(
     rescale_mode: RescaleMode = "l1",
     lambda_: float = 1.0,
     int8_mask: bool = False,
-) -> torch.Tensor:
+) -> TaskVectorMerge:
     """Random drop and rescale of each task vector, then a weighted sum.
 
     Args:
@@ -58,12 +48,12 @@ def dare_linear(
         lambda_: scale of the merged task vector
         int8_mask: accepted for mergekit compatibility (a memory option there); no effect
     """
-
-    def drop(i: int, delta: torch.Tensor) -> torch.Tensor:
-        if density[i] >= 1:
-            return delta
-        keep = random_mask(delta, max(density[i], 0.0), generator)
-        return sparsified(delta, keep, rescale=rescale, mode=rescale_mode, density=density[i])
-
-    deltas = task_vectors(models, base, drop)  # [N, *shape]
-    return combine(base, deltas, weight, election=None, normalize=normalize, lambda_=lambda_)
+    return TaskVectorMerge(
+        weight,
+        rule="random",
+        density=density,
+        rescale=rescale,
+        rescale_mode=rescale_mode,
+        normalize=normalize,
+        lambda_=lambda_,
+    )

@@ -17,15 +17,7 @@ Sampling", 2024, https://arxiv.org/abs/2406.11617
 
 from __future__ import annotations
 
-import torch
-
-from alloy.merge.methods._task_vectors import (
-    RescaleMode,
-    combine,
-    della_mask,
-    sparsified,
-    task_vectors,
-)
+from alloy.merge.methods._task_vectors import RescaleMode, TaskVectorMerge
 from alloy.merge.registry import REQUIRED, merge_method
 
 
@@ -33,13 +25,11 @@ from alloy.merge.registry import REQUIRED, merge_method
     base="required",
     reference="https://arxiv.org/abs/2406.11617",
     per_model={"weight": REQUIRED, "density": 1.0, "epsilon": 0.15},
+    random=True,
     properties=("idempotent", "base_fixed_point"),
 )
 def della_linear(
-    models: list[torch.Tensor],
     *,
-    base: torch.Tensor,
-    generator: torch.Generator,
     weight: list[float],
     density: list[float],
     epsilon: list[float],
@@ -48,7 +38,7 @@ def della_linear(
     rescale_mode: RescaleMode = "l1",
     lambda_: float = 1.0,
     int8_mask: bool = False,
-) -> torch.Tensor:
+) -> TaskVectorMerge:
     """Magnitude-aware random drop of each task vector, then a weighted sum.
 
     Args:
@@ -64,14 +54,13 @@ def della_linear(
     Raises:
         InputError: if 0 < density < 1 and density ± epsilon leaves (0, 1).
     """
-
-    def prune(i: int, delta: torch.Tensor) -> torch.Tensor:
-        if density[i] >= 1:
-            return delta
-        if density[i] <= 0:
-            return torch.zeros_like(delta)
-        keep = della_mask(delta, density[i], epsilon[i], generator)
-        return sparsified(delta, keep, rescale=rescale, mode=rescale_mode, density=density[i])
-
-    deltas = task_vectors(models, base, prune)  # [N, *shape]
-    return combine(base, deltas, weight, election=None, normalize=normalize, lambda_=lambda_)
+    return TaskVectorMerge(
+        weight,
+        rule="della",
+        density=density,
+        epsilon=epsilon,
+        rescale=rescale,
+        rescale_mode=rescale_mode,
+        normalize=normalize,
+        lambda_=lambda_,
+    )

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from alloy.errors import InputError
+from alloy.merge.blocks import Block, Elementwise
 from alloy.merge.registry import REQUIRED, merge_method
 
 
@@ -21,21 +22,21 @@ from alloy.merge.registry import REQUIRED, merge_method
     per_model={"weight": REQUIRED},
     properties=("idempotent", "order_invariant"),
 )
-def linear(
-    models: list[torch.Tensor], *, weight: list[float], normalize: bool = True
-) -> torch.Tensor:
+def linear(*, weight: list[float], normalize: bool = True) -> Elementwise:
     """Weighted average of the models.
 
     Args:
         weight: the weight of each model
         normalize: divide by the sum of the weights (false: plain weighted sum)
     """
-    result = torch.zeros_like(models[0])
-    for model, w in zip(models, weight, strict=True):
-        result.add_(model, alpha=w)
-    if normalize:
-        total = sum(weight)
-        if abs(total) < 1e-12:
-            raise InputError(f"linear: weights {weight} sum to zero; cannot normalize")
-        result.div_(total)
-    return result
+    total = sum(weight)
+    if normalize and abs(total) < 1e-12:
+        raise InputError(f"linear: weights {weight} sum to zero; cannot normalize")
+
+    def average(block: Block) -> torch.Tensor:
+        result = block.models[0] * weight[0]
+        for model, w in zip(block.models[1:], weight[1:], strict=True):
+            result.add_(model, alpha=w)
+        return result.div_(total) if normalize else result
+
+    return Elementwise(average)

@@ -10,8 +10,7 @@ mergekit's passthrough method, https://github.com/arcee-ai/mergekit
 
 from __future__ import annotations
 
-import torch
-
+from alloy.merge.blocks import Elementwise
 from alloy.merge.registry import merge_method
 
 
@@ -21,10 +20,10 @@ from alloy.merge.registry import merge_method
     per_model={"scale": 1.0},
     max_models=1,
 )
-def passthrough(models: list[torch.Tensor], *, scale: list[float]) -> torch.Tensor:
+def passthrough(*, scale: list[float]) -> Elementwise:
     """The single model's tensor times `scale`.
 
     Args:
         scale: the factor the tensor is multiplied by (1 copies it unchanged)
     """
-    return models[0] * scale[0]
+    return Elementwise(lambda block: block.models[0] * scale[0])

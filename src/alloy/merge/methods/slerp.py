@@ -13,8 +13,12 @@ https://en.wikipedia.org/wiki/Slerp (mergekit's reference)
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass, field
+
 import torch
 
+from alloy.merge.blocks import Block
 from alloy.merge.registry import merge_method
 
 
@@ -25,14 +29,7 @@ from alloy.merge.registry import merge_method
     max_models=1,
     properties=("idempotent", "base_fixed_point"),
 )
-def slerp(
-    models: list[torch.Tensor],
-    *,
-    base: torch.Tensor,
-    t: float,
-    dot_threshold: float = 0.9995,
-    eps: float = 1e-8,
-) -> torch.Tensor:
+def slerp(*, t: float, dot_threshold: float = 0.9995, eps: float = 1e-8) -> Slerp:
     """Spherical interpolation from the base (t = 0) to the model (t = 1).
 
     Args:
@@ -40,19 +37,44 @@ def slerp(
         dot_threshold: above this |cosine| the tensors count as parallel; interpolate linearly
         eps: norms at or below this count as 1 (a zero tensor has no direction)
     """
-    model = models[0]
-    flat_base, flat_model = base.reshape(-1), model.reshape(-1)  # [n]
-    norm_base = torch.linalg.vector_norm(flat_base)
-    norm_model = torch.linalg.vector_norm(flat_model)
-    norm_base = torch.where(norm_base > eps, norm_base, 1)
-    norm_model = torch.where(norm_model > eps, norm_model, 1)
-    # Normalise before the product so the dot of large tensors cannot overflow.
-    dot = ((flat_base / norm_base) * (flat_model / norm_model)).sum().clamp(-1, 1)
-    # torch.where instead of a Python branch: no device sync, and acos never sees the
-    # parallel case, so the unused spherical branch stays finite.
-    parallel = dot.abs() > dot_threshold
-    omega = torch.acos(torch.where(parallel, 0, dot))
-    sin_omega = torch.sin(omega)
-    coef_base = torch.where(parallel, 1 - t, torch.sin((1 - t) * omega) / sin_omega)
-    coef_model = torch.where(parallel, t, torch.sin(t * omega) / sin_omega)
-    return coef_base * base + coef_model * model
+    return Slerp(t, dot_threshold, eps)
+
+
+@dataclass
+class Slerp:
+    """One pass sums |base|^2, |model|^2 and base . model (in float64); then each block is
+    coef_base * base + coef_model * model."""
+
+    t: float
+    dot_threshold: float
+    eps: float
+    sums: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
+    coefs: tuple[float, float] = (0.0, 0.0)
+
+    def start(self, shape: tuple[int, ...], dtype: torch.dtype) -> int:
+        return 1
+
+    def reduce(self, step: int, block: Block) -> None:
+        assert block.base is not None
+        base, model = block.base.double(), block.models[0].double()
+        self.sums[0] += float((base * base).sum())
+        self.sums[1] += float((model * model).sum())
+        self.sums[2] += float((base * model).sum())
+
+    def end(self, step: int) -> None:
+        norm_base, norm_model = math.sqrt(self.sums[0]), math.sqrt(self.sums[1])
+        norm_base = norm_base if norm_base > self.eps else 1.0
+        norm_model = norm_model if norm_model > self.eps else 1.0
+        dot = min(1.0, max(-1.0, self.sums[2] / (norm_base * norm_model)))
+        t = self.t
+        if abs(dot) > self.dot_threshold:
+            self.coefs = (1 - t, t)
+        else:
+            omega = math.acos(dot)
+            sin_omega = math.sin(omega)
+            self.coefs = (math.sin((1 - t) * omega) / sin_omega, math.sin(t * omega) / sin_omega)
+
+    def apply(self, block: Block) -> torch.Tensor:
+        assert block.base is not None
+        coef_base, coef_model = self.coefs
+        return torch.add(block.base * coef_base, block.models[0], alpha=coef_model)

@@ -13,9 +13,7 @@ https://arxiv.org/abs/2212.04089
 
 from __future__ import annotations
 
-import torch
-
-from alloy.merge.methods._task_vectors import combine, task_vectors
+from alloy.merge.methods._task_vectors import TaskVectorMerge
 from alloy.merge.registry import REQUIRED, merge_method
 
 
@@ -26,14 +24,12 @@ from alloy.merge.registry import REQUIRED, merge_method
     properties=("idempotent", "base_fixed_point", "order_invariant"),
 )
 def task_arithmetic(
-    models: list[torch.Tensor],
     *,
-    base: torch.Tensor,
     weight: list[float],
     normalize: bool = False,
     lambda_: float = 1.0,
     int8_mask: bool = False,
-) -> torch.Tensor:
+) -> TaskVectorMerge:
     """Base plus a weighted sum of task vectors (negative weights negate a task).
 
     Args:
@@ -42,5 +38,8 @@ def task_arithmetic(
         lambda_: scale of the merged task vector
         int8_mask: accepted for mergekit compatibility (a memory option there); no effect
     """
-    deltas = task_vectors(models, base)  # [N, *shape]
-    return combine(base, deltas, weight, election=None, normalize=normalize, lambda_=lambda_)
+    return TaskVectorMerge(
+        weight,
+        normalize=normalize,
+        lambda_=lambda_,
+    )

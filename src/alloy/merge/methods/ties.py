@@ -14,16 +14,7 @@ https://arxiv.org/abs/2306.01708
 
 from __future__ import annotations
 
-import torch
-
-from alloy.merge.methods._task_vectors import (
-    Election,
-    RescaleMode,
-    combine,
-    magnitude_mask,
-    sparsified,
-    task_vectors,
-)
+from alloy.merge.methods._task_vectors import Election, RescaleMode, TaskVectorMerge
 from alloy.merge.registry import REQUIRED, merge_method
 
 
@@ -34,9 +25,7 @@ from alloy.merge.registry import REQUIRED, merge_method
     properties=("idempotent", "base_fixed_point", "order_invariant"),
 )
 def ties(
-    models: list[torch.Tensor],
     *,
-    base: torch.Tensor,
     weight: list[float],
     density: list[float],
     normalize: bool = True,
@@ -45,7 +34,7 @@ def ties(
     election: Election = "weighted_sum",
     lambda_: float = 1.0,
     int8_mask: bool = False,
-) -> torch.Tensor:
+) -> TaskVectorMerge:
     """Trim, elect sign, disjoint mean of task vectors.
 
     Args:
@@ -59,10 +48,13 @@ def ties(
         lambda_: scale of the merged task vector
         int8_mask: accepted for mergekit compatibility (a memory option there); no effect
     """
-
-    def trim(i: int, delta: torch.Tensor) -> torch.Tensor:
-        keep = magnitude_mask(delta, density[i])
-        return sparsified(delta, keep, rescale=rescale, mode=rescale_mode, density=density[i])
-
-    deltas = task_vectors(models, base, trim)  # [N, *shape]
-    return combine(base, deltas, weight, election=election, normalize=normalize, lambda_=lambda_)
+    return TaskVectorMerge(
+        weight,
+        rule="magnitude",
+        density=density,
+        rescale=rescale,
+        rescale_mode=rescale_mode,
+        election=election,
+        normalize=normalize,
+        lambda_=lambda_,
+    )
