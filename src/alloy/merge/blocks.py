@@ -21,7 +21,7 @@ Shapes: a block of a tensor of shape [R, *rest] is [r, *rest]; a 0-d tensor is o
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -82,15 +82,16 @@ def block_seed(seed: int, index: int) -> int:
     return (seed + index * _GOLDEN) & _MASK63
 
 
-def run(
+def run_blocks(
     merger: Merger,
     models: Sequence[torch.Tensor],
     base: torch.Tensor | None = None,
     *,
     seed: int = 0,
     block_elements: int | None = None,
-) -> torch.Tensor:
-    """Run a merger over in-memory tensors (views, no copies) and return the whole result.
+) -> Iterator[tuple[int | None, torch.Tensor]]:
+    """Run a merger over in-memory tensors (views, no copies), yielding (first row, output
+    block); the row is None for a 0-d tensor.
 
     `block_elements` changes the partition (tests use it to check that blocking changes
     nothing; random draws depend on it).
@@ -113,7 +114,23 @@ def run(
         for block in blocks:
             merger.reduce(step, block)
         merger.end(step)
-    parts = [merger.apply(block) for block in blocks]
+    for block in blocks:
+        yield (block.start if shape else None), merger.apply(block)
+
+
+def run(
+    merger: Merger,
+    models: Sequence[torch.Tensor],
+    base: torch.Tensor | None = None,
+    *,
+    seed: int = 0,
+    block_elements: int | None = None,
+) -> torch.Tensor:
+    """Run a merger over in-memory tensors and return the whole result."""
+    parts = [
+        part
+        for _, part in run_blocks(merger, models, base, seed=seed, block_elements=block_elements)
+    ]
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 

@@ -30,7 +30,7 @@ import torch
 from alloy.errors import InputError
 from alloy.io import Checkpoint, CheckpointWriter, TensorSpec
 from alloy.io.writer import DEFAULT_MAX_SHARD_BYTES
-from alloy.merge.blocks import Block, Merger, block_seed, partition, run
+from alloy.merge.blocks import Block, Merger, block_seed, partition, run_blocks
 from alloy.merge.plan import MergePlan, TensorJob
 
 READ_AHEAD_BYTES = 64 << 20
@@ -207,8 +207,8 @@ def _step(
     base = tensors[len(job.models)] if job.base is not None else None
     if read.rows is None:
         merger = plan.method.make(len(models), **job.params)
-        result = run(merger, models, base, seed=job.seed)
-        write(job.name, result.to(dtype=job.out_dtype).cpu(), None)
+        for row, part in run_blocks(merger, models, base, seed=job.seed):
+            write(job.name, part.to(dtype=job.out_dtype).cpu(), row)
         return True
     merger, passes = mergers[read.job]
     block = Block(models, base, read.block, read.rows[0], block_seed(job.seed, read.block))

@@ -50,11 +50,15 @@ class RankSelect:
     def reduce(self, step: int, values: torch.Tensor) -> None:
         bits = values.reshape(-1).view(_INT[self.dtype])  # [n]; ordered like the values
         shift = self._bits - _DIGIT * (step + 1)
-        digits = (bits >> shift) & (_BINS - 1)
+        # The top digit needs no mask: the sign bit of a magnitude is clear.
+        top = bits >> shift if step == 0 else None
         for j in range(len(self.ranks)):
             # After the first pass, only entries whose higher digits equal the prefix take part.
-            prefix = self._prefix[j]
-            selected = digits if step == 0 else digits[(bits >> (shift + _DIGIT)) == prefix]
+            if top is not None:
+                selected = top
+            else:
+                inside = bits[(bits >> (shift + _DIGIT)) == self._prefix[j]]
+                selected = (inside >> shift) & (_BINS - 1)
             counts = torch.bincount(selected, minlength=_BINS)
             current = self._counts[j]
             self._counts[j] = counts if current is None else current + counts
@@ -79,10 +83,14 @@ class RankSelect:
 
 
 class TieQuota:
-    """Admits entries equal to a threshold, lowest index first, up to `quota`, across blocks."""
+    """Admits entries equal to a threshold, lowest index first, up to `quota`, across blocks.
 
-    def __init__(self, quota: int) -> None:
+    `admits_all` says the quota covers every equal entry (callers can then skip counting).
+    """
+
+    def __init__(self, quota: int, *, admits_all: bool = False) -> None:
         self.left = quota
+        self.admits_all = admits_all
 
     def take(self, equal: torch.Tensor) -> torch.Tensor:
         """From a block's equality mask, the entries admitted (in flat order)."""

@@ -28,6 +28,10 @@ from alloy.errors import InputError
 from alloy.merge.blocks import Block
 from alloy.merge.methods._ranks import RankSelect, TieQuota, radix_passes
 
+# Tensors up to this many elements (times the number of models) keep their task vectors and
+# magnitudes between passes instead of recomputing them.
+CACHE_ELEMENTS = 1 << 23
+
 Election = Literal["weighted_sum", "sum", "count"]
 RescaleMode = Literal["l1", "density"]
 Rule = Literal["none", "magnitude", "outliers", "random", "della"]
@@ -115,6 +119,7 @@ class TaskVectorMerge:
         self._scale = [1.0] * n
         self._numel = 0
         self._quotas: dict[str, list[list[TieQuota]]] = {}
+        self._cache: dict[int, tuple[torch.Tensor, list[torch.Tensor | None]]] = {}
 
     def _active(self, i: int) -> bool:
         """Whether model i's task vector is sparsified at all (mergekit: density >= 1 is not)."""
@@ -146,16 +151,36 @@ class TaskVectorMerge:
         )
         return self._selection_passes + int(rescale_pass)
 
-    def reduce(self, step: int, block: Block) -> None:
+    def _prepared(self, block: Block, keep: bool) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+        """The block's task vectors [N, r, *rest] and, for ranked models, their magnitudes.
+
+        Small tensors keep them between passes (`keep`), so each is computed once per block.
+        """
+        cached = self._cache.get(block.index)
+        if cached is not None:
+            return cached
         base = block.base
         assert base is not None
-        deltas = [model - base for model in block.models]
+        deltas = base.new_empty((len(block.models), *base.shape))  # [N, r, *rest]
+        for i, model in enumerate(block.models):
+            torch.sub(model, base, out=deltas[i])
+        magnitudes = [
+            delta.abs() if select is not None else None
+            for delta, select in zip(deltas, self._selects, strict=True)
+        ]
+        if keep and self._numel * len(self.weights) <= CACHE_ELEMENTS:
+            self._cache[block.index] = (deltas, magnitudes)
+        return deltas, magnitudes
+
+    def reduce(self, step: int, block: Block) -> None:
+        deltas, magnitudes = self._prepared(block, keep=True)
         if step < self._selection_passes:
-            for delta, select in zip(deltas, self._selects, strict=True):
+            for values, select in zip(magnitudes, self._selects, strict=True):
                 if select is not None:
-                    select.reduce(step, delta.abs_())
+                    assert values is not None
+                    select.reduce(step, values)
             return
-        masks = self._masks(block, deltas, "rescale")
+        masks = self._masks(block, deltas, magnitudes, "rescale")
         for i, delta in enumerate(deltas):
             self._l1[i][0] += float(delta.abs().sum(dtype=torch.float64))
             mask = masks[i]
@@ -185,14 +210,19 @@ class TaskVectorMerge:
                     assert select is not None
                     greater, equal = select.greater[j], select.equal[j]
                     below = self._numel - greater - equal
-                    entry.append(TieQuota(m - greater if kind == "top" else m - below))
+                    quota = m - greater if kind == "top" else m - below
+                    entry.append(TieQuota(quota, admits_all=quota >= equal))
                     j += 1
                 quotas.append(entry)
             self._quotas[stage] = quotas
         return self._quotas[stage]
 
     def _masks(
-        self, block: Block, deltas: list[torch.Tensor], stage: str
+        self,
+        block: Block,
+        deltas: torch.Tensor,
+        magnitudes: list[torch.Tensor | None],
+        stage: str,
     ) -> list[torch.Tensor | None]:
         """Each model's keep mask on this block (None: keep everything)."""
         generator = block.generator() if self.rule in ("random", "della") else None
@@ -211,7 +241,9 @@ class TaskVectorMerge:
             elif self.rule == "della":
                 masks.append(torch.zeros_like(delta, dtype=torch.bool))
             else:
-                masks.append(self._cut_mask(i, delta.abs(), quotas[i] if quotas else []))
+                values = magnitudes[i]
+                values = delta.abs() if values is None else values
+                masks.append(self._cut_mask(i, values, quotas[i] if quotas else []))
         return masks
 
     def _cut_mask(self, i: int, magnitudes: torch.Tensor, quotas: list[TieQuota]) -> torch.Tensor:
@@ -225,8 +257,14 @@ class TaskVectorMerge:
                 continue
             assert select is not None
             threshold = select.threshold[j]
-            strict = magnitudes > threshold if kind == "top" else magnitudes < threshold
-            masks.append(strict | quotas[j].take(magnitudes == threshold))
+            quota = quotas[j]
+            if quota.admits_all:  # every entry equal to the threshold is kept
+                masks.append(magnitudes >= threshold if kind == "top" else magnitudes <= threshold)
+            elif quota.left <= 0:
+                masks.append(magnitudes > threshold if kind == "top" else magnitudes < threshold)
+            else:
+                strict = magnitudes > threshold if kind == "top" else magnitudes < threshold
+                masks.append(strict | quota.take(magnitudes == threshold))
             j += 1
         if len(masks) == 1:
             return masks[0]
@@ -238,18 +276,20 @@ class TaskVectorMerge:
     def apply(self, block: Block) -> torch.Tensor:
         base = block.base
         assert base is not None
-        n = len(block.models)
-        deltas = torch.stack([model - base for model in block.models])  # [N, r, *rest]
-        masks = self._masks(block, list(deltas), "apply")
-        for i in range(n):
-            mask = masks[i]
-            if mask is not None:
-                deltas[i].mul_(mask)
-                if self.rescale:
-                    scale = self._scale[i] if self.rescale_mode == "l1" else 1 / self.density[i]
-                    if self.rescale_mode == "density" and self.density[i] <= 0:
-                        scale = 1.0
-                    deltas[i].mul_(scale)
+        deltas, magnitudes = self._prepared(block, keep=False)
+        self._cache.pop(block.index, None)
+        masks = self._masks(block, deltas, magnitudes, "apply")
+        for i, mask in enumerate(masks):
+            if mask is None:
+                continue
+            deltas[i].mul_(mask)
+            scale = 1.0
+            if self.rescale and self.rescale_mode == "l1":
+                scale = self._scale[i]
+            elif self.rescale and self.density[i] > 0:
+                scale = 1 / self.density[i]
+            if scale != 1.0:
+                deltas[i].mul_(scale)
         return combine(
             base,
             deltas,
@@ -278,11 +318,12 @@ def elect(deltas: torch.Tensor, election: Election) -> torch.Tensor:
             total.add_(torch.sign(delta))
     else:
         total = deltas.sum(dim=0)  # [*shape]
-    positive = total >= 0
+    majority = torch.where(total >= 0, 1.0, -1.0).to(deltas.dtype)  # [*shape], +1 or -1
     del total
     agree = torch.empty(deltas.shape, dtype=torch.bool, device=deltas.device)
     for i, delta in enumerate(deltas):
-        torch.where(positive, delta > 0, delta < 0, out=agree[i])
+        # same sign as the majority, and not zero
+        torch.gt(delta * majority, 0, out=agree[i])
     return agree
 
 
@@ -308,7 +349,8 @@ def combine(
     # The paper elects on the unweighted vectors; mergekit weights first.
     agree = elect(deltas, "sum") if election == "sum" else None
     for delta, w in zip(deltas, weights, strict=True):
-        delta.mul_(w)
+        if w != 1:
+            delta.mul_(w)
     if election is None:
         merged = deltas.sum(dim=0)
         total = sum(weights)
@@ -328,6 +370,11 @@ def combine(
 
 def _agreeing_weight(agree: torch.Tensor, weights: list[float], like: torch.Tensor) -> torch.Tensor:
     """Per entry, the summed weight of the models that agree (1 where none does)."""
+    if len(set(weights)) == 1 and weights[0] > 0:
+        # One positive weight w: w * (number agreeing); where none agrees the numerator is 0,
+        # so any positive divisor (here w) gives the right 0.
+        count = agree.sum(dim=0, dtype=like.dtype).clamp_(min=1)
+        return count if weights[0] == 1 else count.mul_(weights[0])
     divisor = torch.zeros_like(like)
     for mask, w in zip(agree, weights, strict=True):
         divisor += mask * w
