@@ -6,7 +6,9 @@
 What is measured: whole-process wall time and peak resident memory (per child process, from
 wait4's rusage) of one merge, median of --runs runs, with the page cache warm (inputs were just
 written and the machine has room to cache them). Inputs are synthetic Llama-layout checkpoints in
-bf16, sharded at 1 GB, with seeded random weights, built once under --work.
+bf16, sharded at 1 GB, with seeded random weights, built once under --work (by a child process:
+this parent imports neither torch nor alloy, because Linux reports a child's peak RSS as at least
+its parent's RSS at fork time).
 
 The floor is the I/O a merge cannot avoid on this machine: reading every input byte (`cat` to
 /dev/null) plus writing the output bytes (`dd` with fdatasync), run the same way.
@@ -29,10 +31,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-from alloy.io import CheckpointWriter, TensorSpec
-
 ROOT = Path(__file__).resolve().parents[2]
 
 # name -> (vocab, hidden, intermediate, layers, heads, kv_heads)
@@ -42,7 +40,11 @@ LAYOUTS = {
 }
 
 
-def llama_specs(layout: str) -> tuple[list[TensorSpec], dict]:
+def llama_specs(layout: str) -> tuple[list, dict]:
+    import torch
+
+    from alloy.io import TensorSpec
+
     vocab, hidden, inter, layers, heads, kv = LAYOUTS[layout]
     head_dim = hidden // heads
     bf16 = torch.bfloat16
@@ -85,6 +87,18 @@ def llama_specs(layout: str) -> tuple[list[TensorSpec], dict]:
 
 def build_inputs(work: Path, layout: str) -> list[Path]:
     """Base + two fine-tunes (base + seeded noise), bf16, 1 GB shards; reused when present."""
+    folders = [work / layout / name for name in ("base", "a", "b")]
+    if not all((f / "config.json").is_file() for f in folders):
+        command = [sys.executable, __file__, "--build", layout, "--work", str(work)]
+        subprocess.run(command, check=True)
+    return folders
+
+
+def _build(work: Path, layout: str) -> None:
+    import torch
+
+    from alloy.io import CheckpointWriter
+
     specs, config = llama_specs(layout)
     folders = [work / layout / name for name in ("base", "a", "b")]
     for k, folder in enumerate(folders):
@@ -101,7 +115,6 @@ def build_inputs(work: Path, layout: str) -> list[Path]:
                     g.manual_seed(1000 * i + k)
                     base += torch.randn(spec.shape, generator=g) * 0.002
                 w.write(spec.name, base.to(spec.dtype))
-    return folders
 
 
 def recipes(inputs: list[Path]) -> dict[str, str]:
@@ -153,7 +166,12 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/alloy-bench"))
     parser.add_argument("--mergekit", type=str, default=None, help="path to mergekit-yaml")
     parser.add_argument("--json", type=Path, default=ROOT / "benchmarks/merge/results.json")
+    parser.add_argument("--markdown", type=Path, default=ROOT / "docs/benchmarks.md")
+    parser.add_argument("--build", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.build:
+        _build(args.work, args.build)
+        return
 
     alloy = [sys.executable, "-m", "alloy"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -171,6 +189,7 @@ def main() -> None:
             tools = {
                 "alloy": [*alloy, "merge", str(recipe), str(out), "--force", "-q"],
                 "floor": floor_command(inputs, out_bytes, args.work / "floor.bin"),
+                "startup": [sys.executable, "-c", "import alloy.merge.api"],
             }
             if args.mergekit:
                 tools["mergekit"] = [args.mergekit, str(recipe), str(out)]
@@ -191,14 +210,60 @@ def main() -> None:
             results[f"{size}/{method}"]["bytes"] = {"in": in_bytes, "out": out_bytes}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     meta = {
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}",
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {_memory_gib()} GiB, "
+        f"{platform.system()} {platform.release()}",
         "python": platform.python_version(),
-        "torch": torch.__version__,
         "runs": args.runs,
-        "command": " ".join(sys.argv),
+        "command": "python benchmarks/merge/bench.py " + " ".join(sys.argv[1:]),
     }
     args.json.write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
+    write_markdown(args.markdown, meta, results)
     print(json.dumps(results, indent=2))
+
+
+def _memory_gib() -> int:
+    pages = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return round(pages / 2**30)
+
+
+BEGIN, END = "<!-- merge:begin -->", "<!-- merge:end -->"
+
+
+def write_markdown(path: Path, meta: dict, results: dict) -> None:
+    """Replace the merge section of docs/benchmarks.md (between its markers) with a table."""
+    lines = [
+        BEGIN,
+        "",
+        f"Machine: {meta['machine']}; Python {meta['python']}; median of {meta['runs']} runs, "
+        "page cache warm. Regenerate with:",
+        "",
+        "```sh",
+        meta["command"],
+        "```",
+        "",
+        "| size / method | alloy s | mergekit s | floor s | startup s | speed-up vs mergekit "
+        "| alloy / floor | alloy peak MiB | mergekit peak MiB | peak ratio |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for key, row in results.items():
+        alloy, floor, peer = row["alloy"], row["floor"], row.get("mergekit")
+        start = row["startup"]["seconds"]
+        speed = f"{peer['seconds'] / alloy['seconds']:.1f}x" if peer else "-"
+        ratio = f"{alloy['peak_mib'] / peer['peak_mib']:.2f}" if peer else "-"
+        lines.append(
+            f"| {key} | {alloy['seconds']:.1f} | {peer['seconds']:.1f} | {floor['seconds']:.1f} "
+            f"| {start:.1f} | {speed} | {alloy['seconds'] / floor['seconds']:.1f}x "
+            f"| {alloy['peak_mib']:.0f} "
+            f"| {peer['peak_mib']:.0f} | {ratio} |"
+            if peer
+            else f"| {key} | {alloy['seconds']:.1f} | - | {floor['seconds']:.1f} | {start:.1f} | - "
+            f"| {alloy['seconds'] / floor['seconds']:.1f}x | {alloy['peak_mib']:.0f} | - | - |"
+        )
+    lines += ["", END]
+    text = path.read_text() if path.exists() else "# Benchmarks\n\n" + BEGIN + "\n" + END + "\n"
+    head, _, rest = text.partition(BEGIN)
+    _, _, tail = rest.partition(END)
+    path.write_text(head + "\n".join(lines) + tail)
 
 
 if __name__ == "__main__":

@@ -321,3 +321,28 @@ def test_streamed_merge_equals_in_memory_merge(
     got = _state(out)
     for name, tensor in expected.items():
         torch.testing.assert_close(got[name], tensor, rtol=0, atol=0, msg=name)
+
+
+def test_tokenizer_source_picks_the_tokenizer_files(
+    family: dict[str, Path], tmp_path: Path
+) -> None:
+    """Config from the base (the donor), tokenizer files and chat template from `b`."""
+    import shutil
+
+    b = tmp_path / "b"
+    shutil.copytree(family["b"], b)
+    (b / "chat_template.jinja").write_text("{{ messages[0]['content'] }}")
+    recipe = {
+        "merge_method": "task_arithmetic",
+        "base_model": str(family["base"]),
+        "models": [{"model": str(family["a"])}, {"model": str(b)}],
+        "parameters": {"weight": 0.5},
+        "tokenizer_source": str(b),
+    }
+    out = tmp_path / "out"
+    assert main(["merge", str(_write(tmp_path, recipe)), str(out), "-q"]) == 0
+    assert (out / "chat_template.jinja").read_text() == "{{ messages[0]['content'] }}"
+    base_config = json.loads((family["base"] / "config.json").read_text())
+    assert json.loads((out / "config.json").read_text())["vocab_size"] == base_config["vocab_size"]
+    recipe["tokenizer_source"] = str(tmp_path / "missing")
+    assert main(["merge", str(_write(tmp_path, recipe)), str(tmp_path / "out2"), "-q"]) == 2

@@ -16,9 +16,13 @@ from typing import Any, TypeVar
 from alloy.errors import CheckpointError
 
 CONFIG = "config.json"
-SIDE_FILES = (
+MODEL_FILES = (
     CONFIG,
     "generation_config.json",
+    "preprocessor_config.json",
+    "processor_config.json",
+)
+TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
@@ -30,9 +34,8 @@ SIDE_FILES = (
     "spiece.model",
     "chat_template.jinja",
     "chat_template.json",
-    "preprocessor_config.json",
-    "processor_config.json",
 )
+SIDE_FILES = MODEL_FILES + TOKENIZER_FILES
 # transformers 5 writes the weights' dtype as "dtype"; older configs say "torch_dtype".
 DTYPE_KEYS = ("dtype", "torch_dtype")
 
@@ -48,11 +51,12 @@ def choose_donor(base: T | None, models: Sequence[T]) -> T:
     return models[0]
 
 
-def side_files(folder: Path) -> list[Path]:
-    """The side files present in `folder`, in a fixed order."""
-    present = [folder / name for name in SIDE_FILES if (folder / name).is_file()]
+def side_files(folder: Path, names: tuple[str, ...] = SIDE_FILES) -> list[Path]:
+    """The side files among `names` present in `folder`, in a fixed order (tokenizer files bring
+    the `additional_chat_templates/` folder along)."""
+    present = [folder / name for name in names if (folder / name).is_file()]
     templates = folder / "additional_chat_templates"
-    if templates.is_dir():
+    if "tokenizer_config.json" in names and templates.is_dir():
         present.extend(sorted(p for p in templates.iterdir() if p.is_file()))
     return present
 
@@ -70,15 +74,24 @@ def updated_config(config: Mapping[str, Any], updates: Mapping[str, Any]) -> dic
     return result
 
 
-def copy_side_files(donor: Path, dest: Path, config_updates: Mapping[str, Any]) -> list[str]:
+def copy_side_files(
+    donor: Path,
+    dest: Path,
+    config_updates: Mapping[str, Any],
+    tokenizer_donor: Path | None = None,
+) -> list[str]:
     """Copy the donor's side files into `dest`, applying `config_updates` to config.json.
 
-    Returns the names copied. Raises CheckpointError if updates are asked for and the donor has
-    no readable config.json.
+    Tokenizer files (and chat templates) come from `tokenizer_donor` when given, the model files
+    (config, generation config) always from `donor`. Returns the names copied. Raises
+    CheckpointError if updates are asked for and the donor has no readable config.json.
     """
     copied = []
-    for source in side_files(donor):
-        relative = source.relative_to(donor)
+    tokenizer_folder = tokenizer_donor or donor
+    sources = [(donor, p) for p in side_files(donor, MODEL_FILES)]
+    sources += [(tokenizer_folder, p) for p in side_files(tokenizer_folder, TOKENIZER_FILES)]
+    for folder, source in sources:
+        relative = source.relative_to(folder)
         target = dest / relative
         target.parent.mkdir(parents=True, exist_ok=True)
         if source.name == CONFIG and relative.parent == Path():

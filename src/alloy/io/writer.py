@@ -84,6 +84,8 @@ class CheckpointWriter:
         force: replace a non-empty `out` (only once the new checkpoint is complete).
         donor: a model folder whose side files (config, generation config, tokenizer files, chat
             template) are copied; `config_updates` are applied to its config.json.
+        tokenizer_donor: a model folder whose tokenizer files and chat templates are copied
+            instead of the donor's.
         model_card: text written as README.md, or a function returning it, called once all
             tensors are written (so slow parts, like hashing inputs, can overlap the writing).
         extra_files: more files to write, name -> text.
@@ -100,6 +102,7 @@ class CheckpointWriter:
         max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
         force: bool = False,
         donor: str | os.PathLike[str] | None = None,
+        tokenizer_donor: str | os.PathLike[str] | None = None,
         config_updates: Mapping[str, Any] | None = None,
         model_card: str | Callable[[], str] | None = None,
         extra_files: Mapping[str, str] | None = None,
@@ -113,6 +116,7 @@ class CheckpointWriter:
         self.out = Path(out)
         self.specs = specs
         self.donor = Path(donor) if donor is not None else None
+        self.tokenizer_donor = Path(tokenizer_donor) if tokenizer_donor is not None else None
         self.config_updates = dict(config_updates or {})
         self.model_card = model_card
         self.extra_files = dict(extra_files or {})
@@ -237,7 +241,7 @@ class CheckpointWriter:
                 json.dumps(index, indent=2) + "\n", encoding="utf-8"
             )
         if self.donor is not None:
-            copy_side_files(self.donor, self._tmp, self.config_updates)
+            copy_side_files(self.donor, self._tmp, self.config_updates, self.tokenizer_donor)
         elif self.config_updates:
             raise AlloyError("config_updates given without a donor config")
         if self.model_card is not None:

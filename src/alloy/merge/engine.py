@@ -6,12 +6,14 @@ reads it block by block from disk (the page cache, in practice), then the output
 written block by block. So memory holds a few blocks, never a whole large tensor, and peak memory
 does not grow with the model.
 
-Three stages run at once:
+Stages run at once:
     readers (threads)  positioned reads of the upcoming inputs, in their stored dtype, as far
                        ahead as a byte budget allows (at least one read ahead)
-    compute (caller)   inputs -> compute dtype on the target device, the Merger, cast to the
-                       output dtype, back to the CPU
-    writer (thread)    positioned writes of results into their planned place in the output
+    compute            inputs -> compute dtype on the target device, the Merger, cast to the
+                       output dtype, back to the CPU, then a positioned write of the result
+                       into its planned place in the output. Whole tensors are independent and
+                       run on worker threads, several at once; streamed tensors run in order on
+                       the calling thread.
 File reads and writes and torch kernels release the GIL, so the stages overlap on CPU cores.
 """
 
@@ -35,7 +37,7 @@ from alloy.merge.plan import MergePlan, TensorJob
 
 READ_AHEAD_BYTES = 64 << 20
 WHOLE_BYTES = 32 << 20  # jobs whose inputs are at most this large are read and merged whole
-MAX_PENDING_WRITES = 4
+COMPUTE_THREADS = 2  # whole tensors merged concurrently (torch ops release the GIL)
 
 Progress = Callable[[TensorJob], None]
 
@@ -89,33 +91,48 @@ def execute(
                 max_shard_bytes=max_shard_bytes,
                 force=force,
                 donor=plan.donor,
+                tokenizer_donor=plan.tokenizer_donor,
                 config_updates=plan.config_updates,
                 model_card=model_card,
             )
         )
         readers = stack.enter_context(ThreadPoolExecutor(2, thread_name_prefix="alloy-read"))
-        writes = stack.enter_context(ThreadPoolExecutor(1, thread_name_prefix="alloy-write"))
+        # Each worker runs single-threaded torch ops: on small blocks, intra-op threads cost
+        # more CPU than they save, and the workers already keep the cores busy.
+        workers = stack.enter_context(
+            ThreadPoolExecutor(
+                COMPUTE_THREADS, "alloy-merge", initializer=torch.set_num_threads, initargs=(1,)
+            )
+        )
         mergers: dict[int, tuple[Merger, int]] = {}  # streamed jobs: Merger and its passes
-        schedule = list(_schedule(plan, checkpoints, mergers, whole_bytes))
-        pending: deque[Future[None]] = deque()
+        schedule = _schedule(plan, checkpoints, mergers, whole_bytes)
+        running: deque[Future[None]] = deque()
 
-        def write(name: str, tensor: torch.Tensor, row: int | None) -> None:
-            while len(pending) >= MAX_PENDING_WRITES:
-                pending.popleft().result()
-            pending.append(writes.submit(writer.write, name, tensor, row=row))
+        def whole(job: TensorJob, read: _Read, inputs: list[torch.Tensor]) -> None:
+            _step(plan, job, read, inputs, mergers, target, writer.write)
+            inputs.clear()
+            if on_tensor is not None:
+                on_tensor(job)
 
         try:
             for read, inputs in _read_ahead(schedule, plan, checkpoints, readers, read_ahead_bytes):
                 job = plan.jobs[read.job]
-                done = _step(plan, job, read, inputs, mergers, target, write)
-                inputs.clear()  # the read-ahead machinery still references this list
+                if read.rows is None:
+                    # Whole tensors are independent: merge several at once on the workers.
+                    while len(running) >= COMPUTE_THREADS:
+                        running.popleft().result()
+                    running.append(workers.submit(whole, job, read, list(inputs)))
+                    inputs.clear()  # the read-ahead machinery still references this list
+                    continue
+                done = _step(plan, job, read, inputs, mergers, target, writer.write)
+                inputs.clear()
                 if done and on_tensor is not None:
                     on_tensor(job)
-            while pending:
-                pending.popleft().result()
+            while running:
+                running.popleft().result()
         except BaseException:
             readers.shutdown(wait=True, cancel_futures=True)
-            writes.shutdown(wait=True, cancel_futures=True)
+            workers.shutdown(wait=True, cancel_futures=True)
             raise
     return Path(out)
 
@@ -129,12 +146,18 @@ def _schedule(
     checkpoints: list[Checkpoint],
     mergers: dict[int, tuple[Merger, int]],
     whole_bytes: int,
-) -> Iterator[_Read]:
-    """The reads the merge makes, in order: whole jobs once, streamed jobs once per pass."""
+) -> list[_Read]:
+    """The reads the merge makes: whole jobs once, streamed jobs once per pass.
+
+    Streamed reads (handled in order on the calling thread) are interleaved with whole-job reads
+    (handled by the workers) in proportion to their bytes, so both kinds of work overlap.
+    """
+    whole: list[_Read] = []
+    streamed: list[_Read] = []
     for j, job in enumerate(plan.jobs):
         size = _job_bytes(job, checkpoints)
         if job.copy or size <= whole_bytes or not job.shape:
-            yield _Read(j, None, 0, 0, True, size)
+            whole.append(_Read(j, None, 0, 0, True, size))
             continue
         merger = plan.method.make(len(job.models), **job.params)
         passes = merger.start(job.shape, plan.compute_dtype)
@@ -144,7 +167,32 @@ def _schedule(
         for step in range(passes + 1):
             for index, (start, stop) in enumerate(blocks):
                 last = index == len(blocks) - 1
-                yield _Read(j, (start, stop), step, index, last, (stop - start) * row_bytes)
+                streamed.append(
+                    _Read(j, (start, stop), step, index, last, (stop - start) * row_bytes)
+                )
+    return _interleave(whole, streamed)
+
+
+def _interleave(first: list[_Read], second: list[_Read]) -> list[_Read]:
+    """Merge two read sequences, keeping each one's order, balancing bytes as they go."""
+    merged: list[_Read] = []
+    i = j = 0
+    done_first = done_second = 0
+    total_first = sum(r.nbytes for r in first) or 1
+    total_second = sum(r.nbytes for r in second) or 1
+    while i < len(first) or j < len(second):
+        take_first = j >= len(second) or (
+            i < len(first) and done_first / total_first <= done_second / total_second
+        )
+        if take_first:
+            merged.append(first[i])
+            done_first += first[i].nbytes
+            i += 1
+        else:
+            merged.append(second[j])
+            done_second += second[j].nbytes
+            j += 1
+    return merged
 
 
 def _read(read: _Read, job: TensorJob, checkpoints: list[Checkpoint]) -> list[torch.Tensor]:
@@ -187,14 +235,14 @@ def _step(
     inputs: list[torch.Tensor],
     mergers: dict[int, tuple[Merger, int]],
     device: torch.device,
-    write: Callable[[str, torch.Tensor, int | None], None],
+    write: Callable[..., None],
 ) -> bool:
     """Consume one read: merge a whole job, or feed one block to a streamed job's Merger.
 
     Returns whether the job's output is now complete.
     """
     if job.copy:
-        write(job.name, inputs[0].to(job.out_dtype), None)
+        write(job.name, inputs[0].to(job.out_dtype))
         return True
 
     def prepare(tensor: torch.Tensor) -> torch.Tensor:
@@ -208,7 +256,7 @@ def _step(
     if read.rows is None:
         merger = plan.method.make(len(models), **job.params)
         for row, part in run_blocks(merger, models, base, seed=job.seed):
-            write(job.name, part.to(dtype=job.out_dtype).cpu(), row)
+            write(job.name, part.to(dtype=job.out_dtype).cpu(), row=row)
         return True
     merger, passes = mergers[read.job]
     block = Block(models, base, read.block, read.rows[0], block_seed(job.seed, read.block))
@@ -218,7 +266,7 @@ def _step(
             merger.end(read.step)
         return False
     result = merger.apply(block)
-    write(job.name, result.to(dtype=job.out_dtype).cpu(), read.rows[0])
+    write(job.name, result.to(dtype=job.out_dtype).cpu(), row=read.rows[0])
     if read.last:
         del mergers[read.job]
     return read.last

@@ -76,7 +76,8 @@ class MergePlan:
     method: MethodSpec
     paths: list[Path]  # every input checkpoint; Source.model indexes this
     jobs: list[TensorJob]
-    donor: Path
+    donor: Path  # config and generation config come from here
+    tokenizer_donor: Path  # tokenizer files and chat templates come from here
     input_dtype: torch.dtype | None  # inputs are rounded to this first (recipe `dtype`)
     compute_dtype: torch.dtype
     config_updates: dict[str, Any]
@@ -92,7 +93,12 @@ class MergePlan:
             f"method     {self.method.name}",
             f"inputs     {len(self.paths)}",
             *(f"  [{k}] {p}" for k, p in enumerate(self.paths)),
-            f"donor      {self.donor}",
+            f"donor      {self.donor}"
+            + (
+                f" (tokenizer: {self.tokenizer_donor})"
+                if self.tokenizer_donor != self.donor
+                else ""
+            ),
             f"tensors    {len(self.jobs)} ({self.output_bytes / 1e6:,.1f} MB out)",
             f"compute    {DTYPE_NAMES[self.compute_dtype]}"
             + (f" (inputs rounded to {DTYPE_NAMES[self.input_dtype]})" if self.input_dtype else ""),
@@ -149,6 +155,7 @@ def plan_merge(recipe: Recipe, *, allow_pickle: bool = False) -> MergePlan:
         problems = ProblemCollector()
         warnings: list[str] = []
         _check_compatible(by_path, donor_key, problems, warnings)
+        tokenizer_donor = _tokenizer_donor(recipe, donor.path, problems)
         problems.raise_if_any(IncompatibleModelsError, "these models cannot be merged")
 
         groups = _groups(recipe, by_path)
@@ -267,6 +274,7 @@ def plan_merge(recipe: Recipe, *, allow_pickle: bool = False) -> MergePlan:
             paths=paths,
             jobs=jobs,
             donor=donor.path,
+            tokenizer_donor=tokenizer_donor,
             input_dtype=input_dtype,
             compute_dtype=compute_dtype,
             config_updates=config_updates,
@@ -346,6 +354,34 @@ def _check_compatible(
                 f"{path}: tied_embeddings={info.tied_embeddings}, but the output {side} its "
                 f"embeddings as {donor} does"
             )
+
+
+def _tokenizer_donor(recipe: Recipe, donor: Path, problems: ProblemCollector) -> Path:
+    """Where tokenizer files come from: `tokenizer_source` (base or a model), else the donor.
+
+    The source must exist and map tokens to the same ids as the donor's tokenizer: alloy merges
+    embeddings row by row and does not remap vocabularies.
+    """
+    source = recipe.tokenizer_source
+    if source is None:
+        return donor
+    if source == "base":
+        if recipe.base_model is None:
+            problems.add("tokenizer_source", "'base' but the recipe has no base_model")
+            return donor
+        return Path(recipe.base_model)
+    path = Path(source)
+    if not path.is_dir():
+        problems.add("tokenizer_source", f"{source}: no such model folder")
+        return donor
+    ours, theirs = _vocabulary(donor), _vocabulary(path)
+    if ours is not None and theirs is not None and ours != theirs:
+        problems.add(
+            "tokenizer_source",
+            f"{source}'s tokenizer maps tokens to different ids than {donor}'s",
+            "alloy does not remap vocabularies; use a tokenizer of the merged models",
+        )
+    return path
 
 
 def _vocabulary(folder: Path) -> str | None:

@@ -69,7 +69,8 @@ class RankSelect:
             assert counts is not None, "end() before any reduce()"
             from_top = counts.flip(0).cumsum(0)  # [bins]
             need = rank - self._above[j]
-            index = int(torch.searchsorted(from_top, torch.tensor(need, dtype=from_top.dtype)))
+            target = torch.tensor(need, dtype=from_top.dtype, device=from_top.device)
+            index = int(torch.searchsorted(from_top, target))
             if index > 0:
                 self._above[j] += int(from_top[index - 1])
             digit = _BINS - 1 - index
