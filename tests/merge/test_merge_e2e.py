@@ -66,15 +66,18 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("method", list(CASES))
-def test_cli_merge_equals_in_memory_merge(
-    method: str, family: dict[str, Path], tmp_path: Path
-) -> None:
+def _case(
+    method: str, family: dict[str, Path], seed: int, extra: dict | None = None
+) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The recipe of CASES[method] over models a, b, c (and the base), and the in-memory merge
+    of the same tensors that the recipe must reproduce."""
     per_model, shared = CASES[method]
+    shared = {**shared, **(extra or {})}
     names = ["a", "b", "c"]
-    recipe = {
+    uses_base = method != "linear"
+    recipe: dict = {
         "merge_method": method,
-        "base_model": str(family["base"]),
+        **({"base_model": str(family["base"])} if uses_base else {}),
         "models": [
             {
                 "model": str(family[n]),
@@ -83,20 +86,26 @@ def test_cli_merge_equals_in_memory_merge(
             for i, n in enumerate(names)
         ],
         "parameters": shared,
-        "seed": 3,
+        "seed": seed,
     }
-    if method == "linear":
-        del recipe["base_model"]
-    out = tmp_path / "merged"
-    assert main(["merge", str(_write(tmp_path, recipe)), str(out), "-q"]) == 0
     expected = merge_state_dicts(
         method,
         [_state(family[n]) for n in names],
-        base=None if method == "linear" else _state(family["base"]),
-        seed=3,
+        base=_state(family["base"]) if uses_base else None,
+        seed=seed,
         **per_model,
         **shared,
     )
+    return recipe, expected
+
+
+@pytest.mark.parametrize("method", list(CASES))
+def test_cli_merge_equals_in_memory_merge(
+    method: str, family: dict[str, Path], tmp_path: Path
+) -> None:
+    recipe, expected = _case(method, family, seed=3)
+    out = tmp_path / "merged"
+    assert main(["merge", str(_write(tmp_path, recipe)), str(out), "-q"]) == 0
     got = _state(out)
     assert set(got) == set(expected)
     for name, tensor in expected.items():
@@ -291,33 +300,8 @@ def test_streamed_merge_equals_in_memory_merge(
     from alloy.merge.engine import execute
 
     monkeypatch.setattr(blocks, "BLOCK_ELEMENTS", 100)
-    per_model, shared = CASES[method]
-    names = ["a", "b", "c"]
-    recipe = {
-        "merge_method": method,
-        "base_model": str(family["base"]),
-        "models": [
-            {
-                "model": str(family[n]),
-                **({"parameters": {k: v[i] for k, v in per_model.items()}} if per_model else {}),
-            }
-            for i, n in enumerate(names)
-        ],
-        "parameters": {**shared, **({"rescale": True} if method == "ties" else {})},
-        "seed": 5,
-    }
-    if method == "linear":
-        del recipe["base_model"]
+    recipe, expected = _case(method, family, 5, {"rescale": True} if method == "ties" else None)
     out = execute(plan(recipe), tmp_path / "out", whole_bytes=0, read_ahead_bytes=1000)
-    expected = merge_state_dicts(
-        method,
-        [_state(family[n]) for n in names],
-        base=None if method == "linear" else _state(family["base"]),
-        seed=5,
-        **per_model,
-        **shared,
-        **({"rescale": True} if method == "ties" else {}),
-    )
     got = _state(out)
     for name, tensor in expected.items():
         torch.testing.assert_close(got[name], tensor, rtol=0, atol=0, msg=name)
