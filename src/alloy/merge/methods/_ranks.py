@@ -18,6 +18,7 @@ import torch
 _DIGIT = 16
 _BINS = 1 << _DIGIT
 _INT = {torch.float32: torch.int32, torch.float64: torch.int64}
+_MAGNITUDE = {torch.float32: (1 << 31) - 1, torch.float64: (1 << 63) - 1}
 
 
 def radix_passes(dtype: torch.dtype) -> int:
@@ -47,8 +48,12 @@ class RankSelect:
         self.greater: list[int] = []
         self.equal: list[int] = []
 
-    def reduce(self, step: int, values: torch.Tensor) -> None:
+    def reduce(self, step: int, values: torch.Tensor, *, signed: bool = False) -> None:
+        """Count one block of non-negative `values` (with `signed`, of their magnitudes: the
+        sign bit is masked off, which is cheaper than taking the absolute value)."""
         bits = values.reshape(-1).view(_INT[self.dtype])  # [n]; ordered like the values
+        if signed:
+            bits = bits & _MAGNITUDE[self.dtype]
         shift = self._bits - _DIGIT * (step + 1)
         # The top digit needs no mask: the sign bit of a magnitude is clear.
         top = bits >> shift if step == 0 else None

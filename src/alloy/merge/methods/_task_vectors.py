@@ -119,7 +119,7 @@ class TaskVectorMerge:
         self._scale = [1.0] * n
         self._numel = 0
         self._quotas: dict[str, list[list[TieQuota]]] = {}
-        self._cache: dict[int, tuple[torch.Tensor, list[torch.Tensor | None]]] = {}
+        self._cache: dict[int, torch.Tensor] = {}  # task vectors per block, between passes
 
     def _active(self, i: int) -> bool:
         """Whether model i's task vector is sparsified at all (mergekit: density >= 1 is not)."""
@@ -151,11 +151,8 @@ class TaskVectorMerge:
         )
         return self._selection_passes + int(rescale_pass)
 
-    def _prepared(self, block: Block, keep: bool) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
-        """The block's task vectors [N, r, *rest] and, for ranked models, their magnitudes.
-
-        Small tensors keep them between passes (`keep`), so each is computed once per block.
-        """
+    def _prepared(self, block: Block, keep: bool) -> torch.Tensor:
+        """The block's task vectors [N, r, *rest]; small tensors keep them between passes."""
         cached = self._cache.get(block.index)
         if cached is not None:
             return cached
@@ -164,28 +161,22 @@ class TaskVectorMerge:
         deltas = base.new_empty((len(block.models), *base.shape))  # [N, r, *rest]
         for i, model in enumerate(block.models):
             torch.sub(model, base, out=deltas[i])
-        magnitudes = [
-            delta.abs() if select is not None else None
-            for delta, select in zip(deltas, self._selects, strict=True)
-        ]
         if keep and self._numel * len(self.weights) <= CACHE_ELEMENTS:
-            self._cache[block.index] = (deltas, magnitudes)
-        return deltas, magnitudes
+            self._cache[block.index] = deltas
+        return deltas
 
     def reduce(self, step: int, block: Block) -> None:
-        deltas, magnitudes = self._prepared(block, keep=True)
+        deltas = self._prepared(block, keep=True)
         if step < self._selection_passes:
-            for values, select in zip(magnitudes, self._selects, strict=True):
+            for delta, select in zip(deltas, self._selects, strict=True):
                 if select is not None:
-                    assert values is not None
-                    select.reduce(step, values)
+                    select.reduce(step, delta, signed=True)
             return
-        masks = self._masks(block, deltas, magnitudes, "rescale")
-        for i, delta in enumerate(deltas):
-            self._l1[i][0] += float(delta.abs().sum(dtype=torch.float64))
-            mask = masks[i]
-            kept = delta if mask is None else delta * mask
-            self._l1[i][1] += float(kept.abs().sum(dtype=torch.float64))
+        kept = deltas.clone()
+        self._sparsify(block, kept, "rescale")
+        for i in range(len(self.weights)):
+            self._l1[i][0] += float(deltas[i].abs().sum(dtype=torch.float64))
+            self._l1[i][1] += float(kept[i].abs().sum(dtype=torch.float64))
 
     def end(self, step: int) -> None:
         if step < self._selection_passes:
@@ -217,76 +208,67 @@ class TaskVectorMerge:
             self._quotas[stage] = quotas
         return self._quotas[stage]
 
-    def _masks(
-        self,
-        block: Block,
-        deltas: torch.Tensor,
-        magnitudes: list[torch.Tensor | None],
-        stage: str,
-    ) -> list[torch.Tensor | None]:
-        """Each model's keep mask on this block (None: keep everything)."""
+    def _sparsify(self, block: Block, deltas: torch.Tensor, stage: str) -> None:
+        """Zero, in place, the entries of each task vector that its rule drops on this block."""
         generator = block.generator() if self.rule in ("random", "della") else None
         quotas = self._tie_quotas(stage) if self._selection_passes else []
-        masks: list[torch.Tensor | None] = []
         for i, delta in enumerate(deltas):
             d = self.density[i]
             if not self._active(i):
-                masks.append(None)
-            elif self.rule == "random":
+                continue
+            if self.rule == "random":
                 probs = torch.full_like(delta, max(d, 0.0))
-                masks.append(torch.bernoulli(probs, generator=generator).bool())
+                delta.mul_(torch.bernoulli(probs, generator=generator))
             elif self.rule == "della" and d > 0:
                 probs = della_probabilities(delta, d, self.epsilon[i])
-                masks.append(torch.bernoulli(probs, generator=generator).bool())
-            elif self.rule == "della":
-                masks.append(torch.zeros_like(delta, dtype=torch.bool))
+                delta.mul_(torch.bernoulli(probs, generator=generator))
+            elif d <= 0:
+                delta.zero_()
             else:
-                values = magnitudes[i]
-                values = delta.abs() if values is None else values
-                masks.append(self._cut_mask(i, values, quotas[i] if quotas else []))
-        return masks
+                self._cut(i, delta, quotas[i] if quotas else [])
 
-    def _cut_mask(self, i: int, magnitudes: torch.Tensor, quotas: list[TieQuota]) -> torch.Tensor:
-        """Model i's ranked cuts on this block: top(k) for TIES, bottom(high) - bottom(low)."""
-        select = self._selects[i]
-        masks = []
-        j = 0
-        for kind, m in self._cuts[i]:
-            if m <= 0 or m >= self._numel:
-                masks.append(torch.full_like(magnitudes, m > 0, dtype=torch.bool))
-                continue
+    def _cut(self, i: int, delta: torch.Tensor, quotas: list[TieQuota]) -> None:
+        """Apply model i's ranked cuts in place: top(k) for TIES, bottom(high) - bottom(low)
+        for breadcrumbs."""
+        cuts, select = self._cuts[i], self._selects[i]
+        if len(cuts) == 1 and 0 < cuts[0][1] < self._numel:
+            # TIES: keep |delta| above the threshold (hardshrink is the fast kernel for that),
+            # or at least at it when every tie is admitted; count ties only when some are.
             assert select is not None
-            threshold = select.threshold[j]
-            quota = quotas[j]
-            if quota.admits_all:  # every entry equal to the threshold is kept
-                masks.append(magnitudes >= threshold if kind == "top" else magnitudes <= threshold)
-            elif quota.left <= 0:
-                masks.append(magnitudes > threshold if kind == "top" else magnitudes < threshold)
+            threshold, quota = select.threshold[0], quotas[0]
+            if quota.admits_all or quota.left <= 0:
+                below = torch.nextafter(threshold, torch.zeros_like(threshold))
+                bound = below if quota.admits_all else threshold
+                delta.copy_(torch.nn.functional.hardshrink(delta, float(bound)))
+                return
+        magnitudes = delta.abs()
+        keep = torch.ones_like(magnitudes, dtype=torch.bool)
+        j = 0
+        for side, (kind, m) in enumerate(cuts):
+            if m <= 0 or m >= self._numel:
+                cut = torch.full_like(keep, m > 0)
             else:
+                assert select is not None
+                threshold = select.threshold[j]
                 strict = magnitudes > threshold if kind == "top" else magnitudes < threshold
-                masks.append(strict | quota.take(magnitudes == threshold))
-            j += 1
-        if len(masks) == 1:
-            return masks[0]
-        below_high, below_low = masks
-        return below_high & ~below_low
+                cut = strict | quotas[j].take(magnitudes == threshold)
+                j += 1
+            keep &= cut if side == 0 else ~cut
+        delta.mul_(keep)
 
     # -- merging a block -------------------------------------------------------------------------
 
     def apply(self, block: Block) -> torch.Tensor:
         base = block.base
         assert base is not None
-        deltas, magnitudes = self._prepared(block, keep=False)
+        deltas = self._prepared(block, keep=False)
         self._cache.pop(block.index, None)
-        masks = self._masks(block, deltas, magnitudes, "apply")
-        for i, mask in enumerate(masks):
-            if mask is None:
-                continue
-            deltas[i].mul_(mask)
+        self._sparsify(block, deltas, "apply")
+        for i in range(len(self.weights)):
             scale = 1.0
-            if self.rescale and self.rescale_mode == "l1":
+            if self._active(i) and self.rescale and self.rescale_mode == "l1":
                 scale = self._scale[i]
-            elif self.rescale and self.density[i] > 0:
+            elif self._active(i) and self.rescale and self.density[i] > 0:
                 scale = 1 / self.density[i]
             if scale != 1.0:
                 deltas[i].mul_(scale)
@@ -300,31 +282,20 @@ class TaskVectorMerge:
         )
 
 
-def elect(deltas: torch.Tensor, election: Election) -> torch.Tensor:
-    """TIES sign election: per entry, which models agree with the elected sign.
+def majority_sign(deltas: torch.Tensor, election: Election) -> torch.Tensor:
+    """TIES sign election: +1 or -1 per entry.
 
     Args:
         deltas: sparsified task vectors, weighted for "weighted_sum" and "count" (mergekit
             elects on weighted vectors), unweighted for "sum" (the paper)  # [N, *shape]
         election: "weighted_sum" and "sum" elect the sign of the sum, "count" the sign held by
-            more models. A zero total elects +.
-
-    Returns:
-        bool mask  # [N, *shape]; zero entries never agree
+            more models. A zero total elects + (an exact cancellation sums to +0.0; a total of
+            -0.0 only arises when every entry is zero, and zeros never agree anyway).
     """
-    if election == "count":
-        total = torch.zeros_like(deltas[0])
-        for delta in deltas:
-            total.add_(torch.sign(delta))
-    else:
-        total = deltas.sum(dim=0)  # [*shape]
-    majority = torch.where(total >= 0, 1.0, -1.0).to(deltas.dtype)  # [*shape], +1 or -1
-    del total
-    agree = torch.empty(deltas.shape, dtype=torch.bool, device=deltas.device)
-    for i, delta in enumerate(deltas):
-        # same sign as the majority, and not zero
-        torch.gt(delta * majority, 0, out=agree[i])
-    return agree
+    total = torch.sign(deltas[0]) if election == "count" else deltas[0].clone()
+    for delta in deltas[1:]:
+        total.add_(torch.sign(delta) if election == "count" else delta)
+    return torch.ones_like(total).copysign_(total)  # [*shape]
 
 
 def combine(
@@ -338,6 +309,11 @@ def combine(
 ) -> torch.Tensor:
     """base + lambda * (weighted, optionally elected and normalised) sum of task vectors.
 
+    With election, model i agrees at an entry when its task vector is non-zero with the elected
+    sign s; relu(s * tau_i) is |tau_i| there and 0 elsewhere, so the agreeing sum and the
+    agreeing weight are built from relu and sign alone (no boolean masks: on CPU, masked
+    selects cost several times a multiply).
+
     Args:
         base: the base tensor  # [*shape]
         deltas: sparsified task vectors, modified in place  # [N, *shape]
@@ -346,36 +322,36 @@ def combine(
         normalize: divide by the sum of weights (of the models that agree, with election)
         lambda_: final scale of the merged task vector
     """
-    # The paper elects on the unweighted vectors; mergekit weights first.
-    agree = elect(deltas, "sum") if election == "sum" else None
-    for delta, w in zip(deltas, weights, strict=True):
-        if w != 1:
-            delta.mul_(w)
     if election is None:
-        merged = deltas.sum(dim=0)
+        merged = deltas[0] * weights[0]
+        for delta, w in zip(deltas[1:], weights[1:], strict=True):
+            merged.add_(delta, alpha=w)
         total = sum(weights)
         if normalize and abs(total) >= 1e-8:
             merged /= total
     else:
-        if agree is None:
-            agree = elect(deltas, election)
-        deltas.mul_(agree)
-        merged = deltas.sum(dim=0)
-        if normalize:
-            merged /= _agreeing_weight(agree, weights, base)
+        # The paper elects on the unweighted vectors; mergekit weights first.
+        weighted_first = election != "sum"
+        if weighted_first:
+            for delta, w in zip(deltas, weights, strict=True):
+                if w != 1:
+                    delta.mul_(w)
+        sign = majority_sign(deltas, election)
+        merged = torch.zeros_like(base)
+        divisor = torch.zeros_like(base) if normalize else None
+        for delta, w in zip(deltas, weights, strict=True):
+            agreeing = delta.mul_(sign).relu_()  # |tau_i| where model i agrees, else 0
+            if divisor is not None:
+                divisor.add_(torch.sign(agreeing), alpha=w)
+            merged.add_(agreeing, alpha=1 if weighted_first else w)
+        merged.mul_(sign)
+        if divisor is not None:
+            if min(weights) > 0:
+                # Agreeing entries have divisor >= min weight; elsewhere merged is 0 anyway.
+                divisor.clamp_(min=min(weights))
+            else:
+                divisor[divisor == 0] = 1
+            merged /= divisor
     if lambda_ != 1:
         merged *= lambda_
     return merged.add_(base)
-
-
-def _agreeing_weight(agree: torch.Tensor, weights: list[float], like: torch.Tensor) -> torch.Tensor:
-    """Per entry, the summed weight of the models that agree (1 where none does)."""
-    if len(set(weights)) == 1 and weights[0] > 0:
-        # One positive weight w: w * (number agreeing); where none agrees the numerator is 0,
-        # so any positive divisor (here w) gives the right 0.
-        count = agree.sum(dim=0, dtype=like.dtype).clamp_(min=1)
-        return count if weights[0] == 1 else count.mul_(weights[0])
-    divisor = torch.zeros_like(like)
-    for mask, w in zip(agree, weights, strict=True):
-        divisor += mask * w
-    return divisor.masked_fill_(divisor == 0, 1)
