@@ -14,15 +14,13 @@ the final norm and the LM head all use a gradient's first value.
 from __future__ import annotations
 
 import hashlib
-import json
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from alloy.errors import CheckpointError, IncompatibleModelsError, ProblemCollector, RecipeError
+from alloy.errors import IncompatibleModelsError, ProblemCollector, RecipeError
 from alloy.io import Checkpoint, choose_donor
 from alloy.io.modelinfo import (
     INPUT_EMBEDDINGS,
@@ -31,6 +29,7 @@ from alloy.io.modelinfo import (
     split_layer_name,
     text_config,
 )
+from alloy.merge.compat import check_compatible, choose_tokenizer_donor, open_inputs
 from alloy.merge.recipe import Recipe
 from alloy.merge.registry import REQUIRED, MethodSpec
 
@@ -146,7 +145,7 @@ def plan_merge(recipe: Recipe, *, allow_pickle: bool = False) -> MergePlan:
     """
     method = recipe.method
     paths = [Path(p) for p in recipe.model_paths()]
-    checkpoints = _open_all(paths, allow_pickle)
+    checkpoints = open_inputs(paths, allow_pickle)
     index = {str(p): k for k, p in enumerate(paths)}
     try:
         by_path = {str(p): c for p, c in zip(paths, checkpoints, strict=True)}
@@ -154,8 +153,8 @@ def plan_merge(recipe: Recipe, *, allow_pickle: bool = False) -> MergePlan:
         donor = by_path[donor_key]
         problems = ProblemCollector()
         warnings: list[str] = []
-        _check_compatible(by_path, donor_key, problems, warnings)
-        tokenizer_donor = _tokenizer_donor(recipe, donor.path, problems)
+        check_compatible(by_path, donor_key, problems, warnings)
+        tokenizer_donor = choose_tokenizer_donor(recipe, donor.path, problems)
         problems.raise_if_any(IncompatibleModelsError, "these models cannot be merged")
 
         groups = _groups(recipe, by_path)
@@ -283,120 +282,6 @@ def plan_merge(recipe: Recipe, *, allow_pickle: bool = False) -> MergePlan:
     finally:
         for checkpoint in checkpoints:
             checkpoint.close()
-
-
-def _open_all(paths: Sequence[Path], allow_pickle: bool) -> list[Checkpoint]:
-    problems = ProblemCollector()
-    opened: list[Checkpoint] = []
-    for path in paths:
-        if not path.exists():
-            hint = (
-                "alloy never downloads; fetch it first (e.g. `hf download "
-                f"{path} --local-dir DIR`) and give the folder"
-                if not path.is_absolute() and str(path).count("/") == 1
-                else "check the path"
-            )
-            problems.add(str(path), "no such model folder", hint)
-            continue
-        try:
-            opened.append(Checkpoint.open(path, allow_pickle=allow_pickle))
-        except CheckpointError as exc:
-            problems.extend(exc.problems or [_as_problem(exc)])
-    if problems:
-        for checkpoint in opened:
-            checkpoint.close()
-    problems.raise_if_any(CheckpointError, "cannot read the input models")
-    return opened
-
-
-def _as_problem(exc: CheckpointError) -> Any:
-    from alloy.errors import Problem
-
-    return Problem("", exc.message)
-
-
-def _check_compatible(
-    by_path: dict[str, Checkpoint], donor: str, problems: ProblemCollector, warnings: list[str]
-) -> None:
-    ref = by_path[donor]
-    ref_info = ref.model_info()
-    ref_vocab = _vocabulary(ref.path)
-    for path, checkpoint in by_path.items():
-        if path == donor:
-            continue
-        info = checkpoint.model_info()
-        if info.architecture != ref_info.architecture:
-            problems.add(
-                path,
-                f"architecture {info.architecture} differs from {ref_info.architecture} ({donor})",
-                "merge models of one architecture",
-            )
-        if info.vocab_size != ref_info.vocab_size:
-            problems.add(
-                path,
-                f"vocabulary of {info.vocab_size} tokens, but {donor} has {ref_info.vocab_size}",
-                "alloy does not merge different vocabularies (rows of the embeddings would not "
-                "mean the same tokens); merge models that share a tokenizer, or resize the "
-                "embeddings of one to match first",
-            )
-        elif ref_vocab is not None:
-            vocab = _vocabulary(checkpoint.path)
-            if vocab is not None and vocab != ref_vocab:
-                problems.add(
-                    path,
-                    f"tokenizer maps tokens to different ids than {donor}'s",
-                    "embedding rows would be merged across different tokens; merge models that "
-                    "share a tokenizer",
-                )
-        if info.tied_embeddings != ref_info.tied_embeddings:
-            side = "ties" if ref_info.tied_embeddings else "unties"
-            warnings.append(
-                f"{path}: tied_embeddings={info.tied_embeddings}, but the output {side} its "
-                f"embeddings as {donor} does"
-            )
-
-
-def _tokenizer_donor(recipe: Recipe, donor: Path, problems: ProblemCollector) -> Path:
-    """Where tokenizer files come from: `tokenizer_source` (base or a model), else the donor.
-
-    The source must exist and map tokens to the same ids as the donor's tokenizer: alloy merges
-    embeddings row by row and does not remap vocabularies.
-    """
-    source = recipe.tokenizer_source
-    if source is None:
-        return donor
-    if source == "base":
-        if recipe.base_model is None:
-            problems.add("tokenizer_source", "'base' but the recipe has no base_model")
-            return donor
-        return Path(recipe.base_model)
-    path = Path(source)
-    if not path.is_dir():
-        problems.add("tokenizer_source", f"{source}: no such model folder")
-        return donor
-    ours, theirs = _vocabulary(donor), _vocabulary(path)
-    if ours is not None and theirs is not None and ours != theirs:
-        problems.add(
-            "tokenizer_source",
-            f"{source}'s tokenizer maps tokens to different ids than {donor}'s",
-            "alloy does not remap vocabularies; use a tokenizer of the merged models",
-        )
-    return path
-
-
-def _vocabulary(folder: Path) -> str | None:
-    """A digest of the token -> id map of tokenizer.json (None if there is none)."""
-    file = folder / "tokenizer.json" if folder.is_dir() else None
-    if file is None or not file.is_file():
-        return None
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    vocab = (data.get("model") or {}).get("vocab")
-    added = sorted((t.get("content"), t.get("id")) for t in data.get("added_tokens") or [])
-    text = json.dumps([vocab, added], sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _groups(recipe: Recipe, by_path: dict[str, Checkpoint]) -> list[_Group]:

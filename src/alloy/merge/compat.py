@@ -1,0 +1,128 @@
+"""Checks that the inputs of a merge can be combined, from headers, configs and tokenizers.
+
+Every problem is collected (nothing is raised half-way) so the user sees them all at once:
+missing or unreadable models, different architectures or vocabularies, a tokenizer source that
+maps tokens differently.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from alloy.errors import CheckpointError, Problem, ProblemCollector
+from alloy.io import Checkpoint
+from alloy.merge.recipe import Recipe
+
+
+def open_inputs(paths: Sequence[Path], allow_pickle: bool) -> list[Checkpoint]:
+    """Open every input (headers only); raise one CheckpointError listing every unreadable one."""
+    problems = ProblemCollector()
+    opened: list[Checkpoint] = []
+    for path in paths:
+        if not path.exists():
+            hint = (
+                "alloy never downloads; fetch it first (e.g. `hf download "
+                f"{path} --local-dir DIR`) and give the folder"
+                if not path.is_absolute() and str(path).count("/") == 1
+                else "check the path"
+            )
+            problems.add(str(path), "no such model folder", hint)
+            continue
+        try:
+            opened.append(Checkpoint.open(path, allow_pickle=allow_pickle))
+        except CheckpointError as exc:
+            problems.extend(exc.problems or [Problem("", exc.message)])
+    if problems:
+        for checkpoint in opened:
+            checkpoint.close()
+    problems.raise_if_any(CheckpointError, "cannot read the input models")
+    return opened
+
+
+def check_compatible(
+    by_path: dict[str, Checkpoint], donor: str, problems: ProblemCollector, warnings: list[str]
+) -> None:
+    """Compare every input with the donor: architecture, vocabulary size and token ids (errors),
+    tied embeddings (a warning: the output follows the donor)."""
+    ref = by_path[donor]
+    ref_info = ref.model_info()
+    ref_vocab = vocabulary_digest(ref.path)
+    for path, checkpoint in by_path.items():
+        if path == donor:
+            continue
+        info = checkpoint.model_info()
+        if info.architecture != ref_info.architecture:
+            problems.add(
+                path,
+                f"architecture {info.architecture} differs from {ref_info.architecture} ({donor})",
+                "merge models of one architecture",
+            )
+        if info.vocab_size != ref_info.vocab_size:
+            problems.add(
+                path,
+                f"vocabulary of {info.vocab_size} tokens, but {donor} has {ref_info.vocab_size}",
+                "alloy does not merge different vocabularies (rows of the embeddings would not "
+                "mean the same tokens); merge models that share a tokenizer, or resize the "
+                "embeddings of one to match first",
+            )
+        elif ref_vocab is not None:
+            vocab = vocabulary_digest(checkpoint.path)
+            if vocab is not None and vocab != ref_vocab:
+                problems.add(
+                    path,
+                    f"tokenizer maps tokens to different ids than {donor}'s",
+                    "embedding rows would be merged across different tokens; merge models that "
+                    "share a tokenizer",
+                )
+        if info.tied_embeddings != ref_info.tied_embeddings:
+            side = "ties" if ref_info.tied_embeddings else "unties"
+            warnings.append(
+                f"{path}: tied_embeddings={info.tied_embeddings}, but the output {side} its "
+                f"embeddings as {donor} does"
+            )
+
+
+def choose_tokenizer_donor(recipe: Recipe, donor: Path, problems: ProblemCollector) -> Path:
+    """Where tokenizer files come from: `tokenizer_source` (base or a model), else the donor.
+
+    The source must exist and map tokens to the same ids as the donor's tokenizer: alloy merges
+    embeddings row by row and does not remap vocabularies.
+    """
+    source = recipe.tokenizer_source
+    if source is None:
+        return donor
+    if source == "base":
+        if recipe.base_model is None:
+            problems.add("tokenizer_source", "'base' but the recipe has no base_model")
+            return donor
+        return Path(recipe.base_model)
+    path = Path(source)
+    if not path.is_dir():
+        problems.add("tokenizer_source", f"{source}: no such model folder")
+        return donor
+    ours, theirs = vocabulary_digest(donor), vocabulary_digest(path)
+    if ours is not None and theirs is not None and ours != theirs:
+        problems.add(
+            "tokenizer_source",
+            f"{source}'s tokenizer maps tokens to different ids than {donor}'s",
+            "alloy does not remap vocabularies; use a tokenizer of the merged models",
+        )
+    return path
+
+
+def vocabulary_digest(folder: Path) -> str | None:
+    """A digest of the token -> id map of tokenizer.json (None if there is none)."""
+    file = folder / "tokenizer.json" if folder.is_dir() else None
+    if file is None or not file.is_file():
+        return None
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    vocab = (data.get("model") or {}).get("vocab")
+    added = sorted((t.get("content"), t.get("id")) for t in data.get("added_tokens") or [])
+    text = json.dumps([vocab, added], sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
