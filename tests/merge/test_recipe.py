@@ -370,3 +370,19 @@ def test_to_yaml_writes_gradients_inline() -> None:
     text = load_recipe(TIES).to_yaml()
     assert "density: [1, 0.7, 0.1]" in text
     assert "- filter: mlp" in text
+
+
+def test_a_bad_value_does_not_hide_other_problems() -> None:
+    """dtype 'bf16' fails the schema; the recipe is still checked without it, so the misspelt
+    parameter and the missing weight are reported in the same error."""
+    text = (
+        "merge_method: ties\nbase_model: b\nmodels:\n  - model: m\n    parameters:\n"
+        "      densty: 0.5\ndtype: bf16\n"
+    )
+    with pytest.raises(RecipeError) as err:
+        load_recipe(text)
+    wheres = [p.where for p in err.value.problems]
+    assert "dtype" in wheres
+    assert "models[0].parameters.densty" in wheres
+    assert any("no 'weight'" in p.message for p in err.value.problems)
+    assert any(p.hint and "bfloat16" in p.hint for p in err.value.problems)

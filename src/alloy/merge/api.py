@@ -12,6 +12,7 @@ import torch
 
 from alloy.errors import IncompatibleModelsError, InputError
 from alloy.io import CardInput, Checkpoint, model_card
+from alloy.io.atomic import check_output_folder
 from alloy.io.writer import DEFAULT_MAX_SHARD_BYTES
 from alloy.merge.engine import Progress, execute
 from alloy.merge.plan import MergePlan, plan_merge, tensor_seed
@@ -50,6 +51,7 @@ def merge(
         command: the command line to record in the model card.
     """
     merge_plan = plan(recipe, allow_pickle=allow_pickle)
+    check_output_folder(Path(out), force=force)  # before any input is hashed or read
     with ThreadPoolExecutor(1, thread_name_prefix="alloy-hash") as hasher:
         card = _card_later(merge_plan, command, hasher if hash_inputs else None, allow_pickle)
         return execute(

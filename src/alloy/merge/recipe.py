@@ -242,26 +242,35 @@ def _parse(text: str, origin: str) -> Any:
 
 
 def _parse_schema(raw: dict[str, Any], problems: ProblemCollector) -> Recipe | None:
-    """The recipe's structure; unknown keys are reported, then dropped to check the rest."""
-    try:
-        return Recipe.model_validate(raw)
-    except ValidationError as error:
-        details = error.errors()
-    for detail in details:
-        problems.add(*_schema_issue(detail))
-    unknown = [d["loc"] for d in details if d["type"] == "extra_forbidden"]
-    if len(unknown) < len(details):
-        return None
+    """The recipe's structure. Every schema problem is reported; the offending keys are then
+    dropped and the rest validated again, so one bad value does not hide the other problems."""
     cleaned = copy.deepcopy(raw)
-    for loc in unknown:
-        node: Any = cleaned
-        for part in loc[:-1]:
-            node = node[part]
-        del node[loc[-1]]
-    try:
-        return Recipe.model_validate(cleaned)
-    except ValidationError:
-        return None
+    for _ in range(3):
+        try:
+            return Recipe.model_validate(cleaned)
+        except ValidationError as error:
+            details = error.errors()
+        for detail in details:
+            problems.add(*_schema_issue(detail))
+        removable = [d["loc"] for d in details if d["type"] != "missing" and len(d["loc"]) > 0]
+        if len(removable) < len(details) or not _drop(cleaned, removable):
+            return None
+    return None
+
+
+def _drop(data: dict[str, Any], locations: list[tuple[int | str, ...]]) -> bool:
+    """Delete the keys at `locations` (YAML paths); False if one of them cannot be deleted."""
+    for loc in locations:
+        node: Any = data
+        try:
+            for part in loc[:-1]:
+                node = node[part]
+            if not isinstance(node, dict) or loc[-1] in ("merge_method", "model", "sources"):
+                return False
+            del node[loc[-1]]
+        except (KeyError, IndexError, TypeError):
+            return False
+    return True
 
 
 _NESTED: dict[str, type[_Strict]] = {"models": ModelEntry, "slices": Slice, "sources": SliceSource}
@@ -280,7 +289,10 @@ def _schema_issue(detail: ErrorDetails) -> _Issue:
         return where, f"unknown key {key!r}", _suggest(key, schema.model_fields, "allowed keys")
     if detail["type"] == "missing":
         return where, "required key is missing", None
-    return where, f"{detail['msg']}, got {repr(detail['input'])[:60]}", None
+    hint = None
+    if loc and loc[-1] in ("dtype", "out_dtype"):
+        hint = "write the full name: float32, float16, bfloat16 or float64 (bf16 is bfloat16)"
+    return where, f"{detail['msg']}, got {repr(detail['input'])[:60]}", hint
 
 
 class _Group(NamedTuple):
