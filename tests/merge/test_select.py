@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from alloy.merge.methods._ranks import largest_mask, select, smallest_mask
+from alloy.merge.methods._ranks import RankSelect, largest_mask, select, smallest_mask
 
 
 def _expected(values: torch.Tensor, k: int, descending: bool) -> torch.Tensor:
@@ -48,3 +48,36 @@ def test_thresholds_equal_kthvalue_on_extremes() -> None:
             assert chosen.threshold[k - 1] == expected, (dtype, k)
             assert chosen.greater[k - 1] == int((typed > expected).sum())
             assert chosen.equal[k - 1] == int((typed == expected).sum())
+
+
+def _streamed(values: torch.Tensor, ranks: list[int], block: int) -> RankSelect:
+    """RankSelect fed `values` in blocks, skipping the second pass when it finished early."""
+    chosen = RankSelect(ranks, values.dtype, numel=values.numel())
+    for step in range(chosen.passes):
+        if step and chosen.finished_early:
+            break
+        for start in range(0, values.numel(), block):
+            chosen.reduce(step, values[start : start + block])
+        chosen.end(step)
+    return chosen
+
+
+@pytest.mark.parametrize(("skewed", "extreme"), [(False, False), (True, False), (False, True)])
+def test_one_pass_window_equals_two_pass_selection(skewed: bool, extreme: bool) -> None:
+    """The first block predicts where each threshold lies. For ranks in the bulk of shuffled
+    data the prediction holds and one pass suffices; when the first block is unrepresentative
+    (its values far above the rest), or for extreme ranks (the maximum, the near-minimum), the
+    window misses and the second pass runs. Either way the answer is kthvalue's."""
+    generator = torch.Generator().manual_seed(3)
+    values = (torch.randn(50_000, generator=generator) * 0.02).abs()
+    if skewed:
+        values[:5_000] += 100.0
+    n = values.numel()
+    ranks = [n // 10, n // 3, n // 2, 9 * n // 10] + ([1, n - 1] if extreme else [])
+    chosen = _streamed(values, ranks, block=5_000)
+    assert chosen.finished_early is not (skewed or extreme)
+    for j, rank in enumerate(ranks):
+        expected = torch.kthvalue(values, n - rank + 1).values
+        assert chosen.threshold[j] == expected, rank
+        assert chosen.greater[j] == int((values > expected).sum())
+        assert chosen.equal[j] == int((values == expected).sum())

@@ -68,6 +68,14 @@ class Merger(Protocol):
         ...
 
 
+def wants(merger: Merger, step: int) -> bool:
+    """Whether a merger still needs reduction pass `step`; a merger may define `wants(step)` to
+    say a pass became unnecessary (e.g. a selection finished early). Skipped passes get neither
+    `reduce` nor `end` calls."""
+    method = getattr(merger, "wants", None)
+    return True if method is None else bool(method(step))
+
+
 def partition(shape: Sequence[int], block_elements: int | None = None) -> list[tuple[int, int]]:
     """The canonical row blocks [start, stop) of a tensor shape (one block for 0-d tensors)."""
     if len(shape) == 0 or shape[0] == 0:
@@ -111,6 +119,8 @@ def run_blocks(
             for index, (start, stop) in enumerate(partition(shape, block_elements))
         ]
     for step in range(merger.start(shape, models[0].dtype)):
+        if not wants(merger, step):
+            continue
         for block in blocks:
             merger.reduce(step, block)
         merger.end(step)

@@ -34,7 +34,7 @@ import torch
 from alloy.errors import InputError
 from alloy.io import Checkpoint, CheckpointWriter, TensorSpec
 from alloy.io.writer import DEFAULT_MAX_SHARD_BYTES
-from alloy.merge.blocks import Block, Merger, block_seed, partition, run_blocks
+from alloy.merge.blocks import Block, Merger, block_seed, partition, run_blocks, wants
 from alloy.merge.plan import MergePlan, TensorJob
 
 READ_AHEAD_BYTES = 64 << 20
@@ -265,6 +265,10 @@ def _step(
     if job.copy:
         write(job.name, inputs[0].to(job.out_dtype))
         return True
+    if read.rows is not None:
+        merger, passes = mergers[read.job]
+        if read.step < passes and not wants(merger, read.step):
+            return False  # a pass the Merger no longer needs
 
     def prepare(tensor: torch.Tensor) -> torch.Tensor:
         if plan.input_dtype is not None:

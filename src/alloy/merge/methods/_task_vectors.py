@@ -141,7 +141,7 @@ class TaskVectorMerge:
             self._cuts.append(cuts)
             # a cut of 0 or n entries needs no selection
             ranks = [m if kind == "top" else n - m + 1 for kind, m in cuts if 0 < m < n]
-            self._selects.append(RankSelect(ranks, dtype) if ranks else None)
+            self._selects.append(RankSelect(ranks, dtype, n) if ranks else None)
         if any(select is not None for select in self._selects):
             self._selection_passes = radix_passes(dtype)
         rescale_pass = (
@@ -165,7 +165,15 @@ class TaskVectorMerge:
             self._cache[block.index] = deltas
         return deltas
 
+    def wants(self, step: int) -> bool:
+        """Whether pass `step` is still needed (radix selection may finish a pass early)."""
+        if 0 < step < self._selection_passes:
+            return not all(s is None or s.finished_early for s in self._selects)
+        return True
+
     def reduce(self, step: int, block: Block) -> None:
+        if not self.wants(step):
+            return
         deltas = self._prepared(block, keep=True)
         if step < self._selection_passes:
             for delta, select in zip(deltas, self._selects, strict=True):
