@@ -78,7 +78,7 @@ def merge(
     ) as progress:
         task = progress.add_task("merge", total=len(merge_plan.jobs))
         path = run_merge(
-            merge_plan.recipe,
+            merge_plan,
             out,
             force=force,
             device=device,

@@ -29,7 +29,7 @@ def plan(
 
 
 def merge(
-    recipe: str | os.PathLike[str] | Mapping[str, Any] | Recipe,
+    recipe: str | os.PathLike[str] | Mapping[str, Any] | Recipe | MergePlan,
     out: str | os.PathLike[str],
     *,
     force: bool = False,
@@ -40,7 +40,8 @@ def merge(
     command: str | None = None,
     on_tensor: Progress | None = None,
 ) -> Path:
-    """Merge the models of a recipe (a YAML path, YAML text, a mapping or a Recipe) into `out`.
+    """Merge the models of a recipe (a YAML path, YAML text, a mapping, a Recipe, or the
+    MergePlan that `plan` returned) into `out`.
 
     Everything is validated before any tensor data is read. The output folder appears only when
     complete (see alloy.io.CheckpointWriter); `force` replaces a non-empty one.
@@ -50,7 +51,9 @@ def merge(
             background thread while the merge runs).
         command: the command line to record in the model card.
     """
-    merge_plan = plan(recipe, allow_pickle=allow_pickle)
+    merge_plan = (
+        recipe if isinstance(recipe, MergePlan) else plan(recipe, allow_pickle=allow_pickle)
+    )
     check_output_folder(Path(out), force=force)  # before any input is hashed or read
     with ThreadPoolExecutor(1, thread_name_prefix="alloy-hash") as hasher:
         card = _card_later(merge_plan, command, hasher if hash_inputs else None, allow_pickle)
