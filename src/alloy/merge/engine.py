@@ -136,7 +136,15 @@ def execute(
                 on_tensor(job)
 
         try:
-            for read, inputs in _read_ahead(schedule, plan, checkpoints, readers, read_ahead_bytes):
+            reads = _read_ahead(
+                schedule,
+                plan,
+                checkpoints,
+                readers,
+                read_ahead_bytes,
+                lambda read: _needed(read, mergers),
+            )
+            for read, inputs in reads:
                 job = plan.jobs[read.job]
                 if read.rows is None:
                     # Whole tensors are independent: merge several at once on the workers.
@@ -226,8 +234,12 @@ def _read_ahead(
     checkpoints: list[Checkpoint],
     pool: ThreadPoolExecutor,
     budget: int,
+    needed: Callable[[_Read], bool],
 ) -> Iterator[tuple[_Read, list[torch.Tensor]]]:
-    """Yield (read, tensors) in order while later reads proceed in the background."""
+    """Yield (read, tensors) in order while later reads proceed in the background.
+
+    A read that is no longer `needed` when its turn to be submitted comes yields no tensors.
+    """
     queue: deque[tuple[_Read, Future[list[torch.Tensor]]]] = deque()
     in_flight = 0
     upcoming = iter(schedule)
@@ -238,6 +250,11 @@ def _read_ahead(
             if read is None:
                 exhausted = True
                 break
+            if not needed(read):
+                skipped: Future[list[torch.Tensor]] = Future()
+                skipped.set_result([])
+                queue.append((read, skipped))
+                continue
             job = plan.jobs[read.job]
             queue.append((read, pool.submit(_read, read, job, checkpoints)))
             in_flight += read.nbytes
@@ -245,8 +262,17 @@ def _read_ahead(
             return
         read, future = queue.popleft()
         tensors = future.result()
-        in_flight -= read.nbytes
+        if tensors:
+            in_flight -= read.nbytes
         yield read, tensors
+
+
+def _needed(read: _Read, mergers: dict[int, tuple[Merger, int]]) -> bool:
+    """False for a block of a reduction pass its Merger no longer wants (no need to read it)."""
+    if read.rows is None or read.job not in mergers:
+        return True
+    merger, passes = mergers[read.job]
+    return read.step >= passes or wants(merger, read.step)
 
 
 def _step(
@@ -265,10 +291,8 @@ def _step(
     if job.copy:
         write(job.name, inputs[0].to(job.out_dtype))
         return True
-    if read.rows is not None:
-        merger, passes = mergers[read.job]
-        if read.step < passes and not wants(merger, read.step):
-            return False  # a pass the Merger no longer needs
+    if not _needed(read, mergers):
+        return False  # a pass the Merger no longer needs (its block was not read)
 
     def prepare(tensor: torch.Tensor) -> torch.Tensor:
         if plan.input_dtype is not None:
@@ -279,8 +303,8 @@ def _step(
     models = tensors[: len(job.models)]
     base = tensors[len(job.models)] if job.base is not None else None
     if read.rows is None:
-        merger = plan.method.make(len(models), **job.params)
-        for row, part in run_blocks(merger, models, base, seed=job.seed):
+        whole = plan.method.make(len(models), **job.params)
+        for row, part in run_blocks(whole, models, base, seed=job.seed):
             write(job.name, part.to(dtype=job.out_dtype).cpu(), row=row)
         return True
     merger, passes = mergers[read.job]
