@@ -58,8 +58,17 @@ def _root(
     _State.verbose = verbose
 
 
+def quiet_transformers() -> None:
+    """Silence transformers' per-file progress bars and info logs (commands print their own)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
 def _register() -> None:
     # Commands live in their own modules and attach themselves to `app` on import.
+    from alloy.cli import eval as _eval  # noqa: F401
     from alloy.cli import inspect as _inspect  # noqa: F401
     from alloy.cli import lab as _lab  # noqa: F401
     from alloy.cli import merge as _merge  # noqa: F401

@@ -1,0 +1,107 @@
+"""`alloy eval MODEL... --data PATH...`: perplexity, bits per byte, choice and preference
+accuracy."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from alloy.cli.main import ALLOW_PICKLE, app, quiet_transformers
+
+
+def print_results(results: dict[str, dict[str, Any]], metric: str | None, title: str) -> None:
+    from alloy.eval.run import table_rows
+
+    columns, rows = table_rows(results, metric)
+    table = Table(title=title, title_justify="left")
+    table.add_column("model", overflow="fold")
+    for column in columns:
+        table.add_column(column, justify="right")
+    for row in rows:
+        table.add_row(*row)
+    Console(highlight=False).print(table)
+
+
+@app.command("eval")
+def eval_command(
+    models: Annotated[
+        list[Path], typer.Argument(metavar="MODEL...", help="Model folders to score.")
+    ],
+    data: Annotated[
+        list[Path],
+        typer.Option(
+            "--data",
+            "-d",
+            help="Text file, JSONL (text; context/choices/answer; prompt/chosen/rejected) or a "
+            "folder of them. Repeat for more.",
+        ),
+    ],
+    window: Annotated[
+        int | None, typer.Option(help="Tokens per window (default: the model's context).")
+    ] = None,
+    stride: Annotated[
+        int | None, typer.Option(help="Tokens between windows (default: half).")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(help="Sequences per forward pass.")] = 8,
+    max_tokens: Annotated[
+        int | None, typer.Option(help="Score at most this many tokens of each text set.")
+    ] = None,
+    max_items: Annotated[
+        int | None, typer.Option(help="Score at most this many items of each choice set.")
+    ] = None,
+    metric: Annotated[
+        str, typer.Option(help="Table cell for text sets: perplexity or bits_per_byte.")
+    ] = "perplexity",
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="Also write all metrics to this JSON file.")
+    ] = None,
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1, ...")] = "cpu",
+    allow_pickle: Annotated[bool, ALLOW_PICKLE] = False,
+) -> None:
+    """Score MODELs on --data and print a table (rows: models, columns: data sets)."""
+    from alloy.errors import InputError, Problem
+    from alloy.eval import EvalSettings, evaluate, load_eval_sets, load_scorer
+
+    if metric not in ("perplexity", "bits_per_byte"):
+        raise InputError(f"--metric {metric!r}: choose perplexity or bits_per_byte")
+    problems = [
+        Problem(f"--{name}", f"must be positive, got {value}")
+        for name, value in (
+            ("window", window),
+            ("stride", stride),
+            ("batch-size", batch_size),
+            ("max-tokens", max_tokens),
+            ("max-items", max_items),
+        )
+        if value is not None and value <= 0
+    ]
+    if window and stride and stride > window:
+        problems.append(Problem("--stride", f"{stride} is larger than --window {window}"))
+    problems += [
+        Problem(str(m), "not a model folder (no config.json)")
+        for m in models
+        if not (m / "config.json").is_file()
+    ]
+    if problems:
+        raise InputError("cannot evaluate", problems)
+    sets = load_eval_sets(data)
+    quiet_transformers()
+    settings = EvalSettings(window, stride, batch_size, max_tokens, max_items)
+    results: dict[str, dict[str, Any]] = {}
+    for model in models:
+        scorer = load_scorer(model, device=device, allow_pickle=allow_pickle, name=str(model))
+        results[str(model)] = evaluate(scorer, sets, settings)
+    print_results(results, metric, f"alloy eval ({metric} for text sets, accuracy for tasks)")
+    if json_out is not None:
+        payload = {
+            "settings": settings.__dict__,
+            "data": {s.name: {"path": str(s.path), "kind": s.kind} for s in sets},
+            "results": results,
+        }
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(payload, indent=2) + "\n")

@@ -1,0 +1,150 @@
+"""What the evaluator scores: anything that gives per-token log-probabilities, or rewards.
+
+`Scorer` is the one protocol every capability is judged through. A plain checkpoint implements
+it here (`ModelScorer`); a decode-time ensemble, an averaged model or a proxy-tuned pair implement
+the same two members and get perplexity, bits per byte and choice accuracy for free.
+
+Shapes: B batch, T tokens, V vocabulary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+from alloy.errors import CheckpointError, Problem
+
+
+@runtime_checkable
+class Scorer(Protocol):
+    """A language model as the evaluator sees it."""
+
+    name: str
+    tokenizer: Any  # a transformers tokenizer: encodes, decodes, knows BOS/EOS/pad
+    max_length: int  # the longest sequence `token_logprobs` accepts
+
+    def token_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, T) ids -> (B, T) with `[b, t] = log p(ids[b, t] | ids[b, :t])`; column 0 is 0."""
+        ...
+
+
+@runtime_checkable
+class RewardScorer(Protocol):
+    """A reward model: one scalar per text (higher is preferred)."""
+
+    name: str
+    tokenizer: Any
+    max_length: int
+
+    def rewards(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, T) ids -> (B,) rewards."""
+        ...
+
+
+def gather_logprobs(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """Log-probability of each next token under `logits`, shifted into place.
+
+    Args:
+        logits: (B, T, V) scores of the token after each position.
+        input_ids: (B, T).
+    Returns:
+        (B, T): `out[:, t] = log_softmax(logits[:, t - 1])[ids[:, t]]`, `out[:, 0] = 0`.
+    """
+    out = torch.zeros(input_ids.shape, dtype=torch.float32, device=logits.device)
+    for b in range(logits.shape[0]):  # one row at a time: (T, V) fp32 log-softmax stays small
+        logprobs = torch.log_softmax(logits[b, :-1].float(), dim=-1)  # (T-1, V)
+        out[b, 1:] = logprobs.gather(-1, input_ids[b, 1:, None]).squeeze(-1)
+    return out
+
+
+@dataclass
+class ModelScorer:
+    """A Hugging Face causal LM (or sequence-classification reward model) as a scorer."""
+
+    name: str
+    model: Any
+    tokenizer: Any
+    max_length: int
+    device: torch.device
+
+    @torch.inference_mode()
+    def token_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        ids = input_ids.to(self.device)
+        mask = attention_mask.to(self.device)
+        logits = self.model(input_ids=ids, attention_mask=mask).logits  # (B, T, V)
+        return gather_logprobs(logits, ids).cpu()
+
+    @torch.inference_mode()
+    def rewards(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        if self.model.config.pad_token_id is None:
+            # Without a pad id the model reads its score at the last position, padding or not:
+            # score rows one at a time, unpadded.
+            rows = [
+                self.model(input_ids=ids[mask.bool()][None].to(self.device)).logits[0, 0]
+                for ids, mask in zip(input_ids, attention_mask, strict=True)
+            ]
+            return torch.stack(rows).float().cpu()
+        out = self.model(
+            input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device)
+        )
+        return out.logits[:, 0].float().cpu()  # (B,)
+
+    @property
+    def is_reward_model(self) -> bool:
+        return str(getattr(self.model.config, "architectures", [""])[0]).endswith(
+            "ForSequenceClassification"
+        )
+
+
+def load_scorer(
+    path: str | Path,
+    *,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    allow_pickle: bool = False,
+    name: str | None = None,
+) -> ModelScorer:
+    """Load a model folder as a scorer (fp32 by default: this CPU has no fast bf16 matmul).
+
+    A folder whose config names a `...ForSequenceClassification` architecture loads as a reward
+    model; anything else as a causal LM.
+    """
+    from transformers import (
+        AutoConfig,
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+    )
+
+    folder = Path(path)
+    if not (folder / "config.json").is_file():
+        raise CheckpointError(
+            f"cannot evaluate {folder}",
+            [Problem(str(folder), "no config.json", "pass a Hugging Face model folder")],
+        )
+    try:
+        config = AutoConfig.from_pretrained(folder)
+        architecture = str((getattr(config, "architectures", None) or [""])[0])
+        auto = (
+            AutoModelForSequenceClassification
+            if architecture.endswith("ForSequenceClassification")
+            else AutoModelForCausalLM
+        )
+        model = auto.from_pretrained(folder, dtype=dtype, use_safetensors=not allow_pickle)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError, KeyError) as exc:
+        raise CheckpointError(
+            f"cannot load {folder}",
+            [Problem(str(folder), str(exc).splitlines()[0], "is it a complete model folder?")],
+        ) from exc
+    model.eval()
+    model.to(device)  # type: ignore[arg-type]  # transformers types .to() oddly
+    max_length = int(
+        getattr(model.config, "max_position_embeddings", None)
+        or getattr(model.config, "n_positions", None)
+        or 1024
+    )
+    return ModelScorer(name or str(folder), model, tokenizer, max_length, torch.device(device))

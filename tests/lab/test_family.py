@@ -1,0 +1,150 @@
+"""The lab's corpus splits, tokenizer and Trainer-built family, on a small synthetic corpus."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from alloy.lab import corpus
+from alloy.lab.corpus import assign_split, chunk_text, quiz_tasks, split_chunks
+from alloy.lab.presets import Preset, Size, Stage
+from alloy.lab.tokens import PackedBlocks, encode_records, train_tokenizer
+
+WORDS = {
+    "drama": "thou art my lord and the king doth speak to thee",
+    "scripture": "and the lord said unto them verily it shall come to pass",
+    "fiction": "she was not sure that mr darcy would call at the house again",
+    "technical": "the function returns a list of strings and raises an error",
+}
+
+
+def _docs(domain: str, n: int = 6) -> list[tuple[str, str, str]]:
+    rng = np.random.default_rng(len(domain))
+    words = WORDS[domain].split()
+    docs = []
+    for d in range(n):
+        paragraphs = [" ".join(rng.choice(words, 60)) for _ in range(40)]
+        docs.append((domain, f"doc{d}", "\n\n".join(paragraphs)))
+    return docs
+
+
+def test_chunk_text_bounds_and_content() -> None:
+    text = "\n\n".join(["a" * 700, "b" * 700, "c" * 700, "d" * 5000, "", "e"])
+    chunks = chunk_text(text, size=1000)
+    assert all(len(c) <= 2000 for c in chunks)
+    assert "".join(chunks).replace("\n", "") == text.replace("\n", "")
+    assert chunks[0] == "a" * 700  # a+b would pass 1000 characters
+
+
+def test_splits_deterministic_disjoint_and_stable() -> None:
+    docs = _docs("drama") + _docs("fiction")
+    first, second = split_chunks(docs, seed=3), split_chunks(docs, seed=3)
+    assert first == second
+    ids = [(c.source, c.doc, c.index) for s in corpus.SPLITS for c in first[s]]
+    assert len(ids) == len(set(ids))  # disjoint, and every chunk is somewhere
+    total = sum(len(chunk_text(t)) for _, _, t in docs)
+    assert len(ids) == total
+    # A chunk's split is a function of its identity only: adding documents moves nothing.
+    more = split_chunks(docs + _docs("technical"), seed=3)
+    for s in corpus.SPLITS:
+        assert set(first[s]) <= set(more[s])
+    assert split_chunks(docs, seed=4) != first
+    # About 5% / 5% / 90% on many chunks.
+    counts = {s: 0 for s in corpus.SPLITS}
+    for i in range(20000):
+        counts[assign_split(0, "s", "d", i)] += 1
+    assert 800 < counts["validation"] < 1200 and 800 < counts["test"] < 1200
+
+
+def test_quiz_tasks_have_the_answer_once() -> None:
+    pairs = [("capitals", f"capital of {c}?", c.upper()) for c in "abcdef"]
+    pairs.append(("tiny", "q", "a"))  # fewer than 4 distinct answers: skipped
+    mc, preference = quiz_tasks(pairs, seed=0)
+    assert len(mc) == len(preference) == 6
+    for item, pref, (_, question, answer) in zip(mc, preference, pairs[:6], strict=True):
+        assert item["choices"][item["answer"]] == f" {answer}"
+        assert len(set(item["choices"])) == 4 and item["choices"].count(f" {answer}") == 1
+        assert question in item["context"] and pref["chosen"] == f" {answer}"
+        assert pref["rejected"] != pref["chosen"]
+
+
+def test_tokenizer_round_trips_and_packs() -> None:
+    texts = [t for _, _, t in _docs("drama", 2) + _docs("technical", 2)]
+    tokenizer = train_tokenizer(texts, vocab_size=300)
+    sample = "thou art the function \u00e9\u4e2d!"  # unseen bytes still encode (byte-level)
+    ids = tokenizer(sample, add_special_tokens=False)["input_ids"]
+    assert tokenizer.decode(ids) == sample
+    stream = encode_records(tokenizer, ["ab", "cd"])
+    assert stream[-1] == tokenizer.eos_token_id and (stream == tokenizer.eos_token_id).sum() == 2
+    blocks = PackedBlocks([np.arange(100), np.arange(1000, 1050)], seq_len=8, count=6, seed=0)
+    assert [int(blocks[i]["input_ids"][0] >= 1000) for i in range(6)] == [0, 1, 0, 1, 0, 1]
+    assert torch.equal(blocks[2]["input_ids"], blocks[2]["labels"])
+    with pytest.raises(ValueError):
+        PackedBlocks([np.arange(5)], seq_len=8, count=1, seed=0)
+
+
+MICRO = Preset(
+    name="micro",
+    vocab_size=320,
+    seq_len=32,
+    batch=4,
+    gpu_batch=4,
+    tokenizer_chars=20_000,
+    sizes={
+        "small": Size(hidden=16, layers=1, heads=2, kv_heads=1, intermediate=32),
+        "large": Size(hidden=32, layers=2, heads=2, kv_heads=1, intermediate=64),
+    },
+    pretrain={"small": Stage(6, 3e-3, 1, 3), "large": Stage(4, 3e-3, 1, 0)},
+    expert={"small": Stage(3, 1e-3, 1, 0), "large": Stage(2, 1e-3, 1, 0)},
+    soup_domain="fiction",
+    soup_stage=Stage(2, 1e-3, 1),
+    soup_variants=((0.5, 1), (2.0, 2)),
+    eval_tokens=256,
+)
+
+
+def _fake_corpus(root: Path, seed: int) -> None:
+    """Write a corpus whose manifest matches what build_corpus would check, from synthetic text."""
+    out = root / "corpus"
+    manifest = {
+        "settings": corpus.corpus_settings(seed, dict(corpus.DOMAINS), {}),
+        "sources": {},
+        "domains": {d: corpus._write_domain(out / d, _docs(d), seed) for d in corpus.DOMAINS},
+        "tasks": {},
+    }
+    (out / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_build_family_trains_saves_and_reuses(tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from alloy.lab.family import build_family, plan_jobs
+
+    _fake_corpus(tmp_path, seed=0)
+    record = build_family(tmp_path, MICRO, seed=0)
+    home = tmp_path / "family" / "micro"
+    names = [j.name for j in plan_jobs(MICRO, 0)]
+    assert list(record["models"]) == names
+    assert len(names) == 2 + 8 + 2
+    vocab = len(AutoTokenizer.from_pretrained(home / "tokenizer"))
+    for name in names:
+        model = AutoModelForCausalLM.from_pretrained(home / name)
+        assert model.config.vocab_size == vocab
+        assert AutoTokenizer.from_pretrained(home / name).eos_token == "<|endoftext|>"
+        assert not list((home / name).glob("*.bin")) and not (home / name / "_trainer").exists()
+    trajectory = sorted(p.name for p in (home / "small" / "trajectories" / "base").iterdir())
+    assert trajectory == ["checkpoint-3", "checkpoint-6"]
+    assert not list((home / "small" / "trajectories").rglob("*.bin"))
+    # Fine-tuning moved the weights; experts differ from the base and from each other.
+    base = AutoModelForCausalLM.from_pretrained(home / "small" / "base").state_dict()
+    expert = AutoModelForCausalLM.from_pretrained(home / "small/experts/drama").state_dict()
+    assert not torch.equal(base["model.norm.weight"], expert["model.norm.weight"])
+    # A second build reuses every model (nothing retrained, files untouched).
+    stamp = (home / "small" / "base" / "model.safetensors").stat().st_mtime_ns
+    again = build_family(tmp_path, MICRO, seed=0)
+    assert (home / "small" / "base" / "model.safetensors").stat().st_mtime_ns == stamp
+    assert again["models"]["small/base"]["key"] == record["models"]["small/base"]["key"]
