@@ -22,7 +22,7 @@ WORDS = {
 }
 
 
-def _docs(domain: str, n: int = 6) -> list[tuple[str, str, str]]:
+def _docs(domain: str, n: int = 20) -> list[tuple[str, str, str]]:
     rng = np.random.default_rng(len(domain))
     words = WORDS[domain].split()
     docs = []
@@ -148,3 +148,55 @@ def test_build_family_trains_saves_and_reuses(tmp_path: Path) -> None:
     again = build_family(tmp_path, MICRO, seed=0)
     assert (home / "small" / "base" / "model.safetensors").stat().st_mtime_ns == stamp
     assert again["models"]["small/base"]["key"] == record["models"]["small/base"]["key"]
+
+
+def test_demo_merges_and_scores_every_model(tmp_path: Path) -> None:
+    from alloy.lab.demo import run_demo
+
+    _fake_corpus(tmp_path, seed=0)
+    out = tmp_path / "demo"
+    payload = run_demo(tmp_path, out, preset=MICRO, say=lambda message: None)
+    rows = payload["results"]
+    assert list(rows) == [
+        "base",
+        *(f"expert:{d}" for d in corpus.DOMAINS),
+        "merge:soup",
+        "merge:task_arithmetic",
+        "merge:ties",
+    ]
+    for row in rows.values():
+        assert set(row) == {*corpus.DOMAINS, "overall"}
+        assert all(0 < row[d]["perplexity"] < 1e4 for d in corpus.DOMAINS)
+        assert all(row[d]["tokens"] == MICRO.eval_tokens for d in corpus.DOMAINS)
+    assert {p.name for p in (out / "recipes").iterdir()} == {
+        "soup.yaml",
+        "task_arithmetic.yaml",
+        "ties.yaml",
+    }
+    assert "| merge:ties |" in (out / "perplexity.md").read_text()
+    # The output folder is never silently replaced.
+    from alloy.errors import OutputExistsError
+
+    with pytest.raises(OutputExistsError):
+        run_demo(tmp_path, out, preset=MICRO, say=lambda message: None)
+
+
+def test_cli_lab_rejects_bad_input(tmp_path: Path) -> None:
+    from alloy.cli.main import main
+
+    assert main(["lab", "build", "--preset", "nope", "--root", str(tmp_path)]) == 2
+    assert main(["lab", "corpora", "--root", str(tmp_path), "--add", "nofolder"]) == 2
+    assert main(["lab", "corpora", "--root", str(tmp_path), "--add", f"x={tmp_path}/no"]) == 2
+    assert not (tmp_path / "corpus").exists()
+
+
+def test_too_small_domain_is_refused(tmp_path: Path) -> None:
+    from alloy.errors import InputError
+
+    with pytest.raises(InputError, match="too small"):
+        corpus._write_domain(tmp_path / "tiny", [("tiny", "a", "just one short paragraph")], 0)
+    (tmp_path / "texts").mkdir()
+    (tmp_path / "texts" / "a.txt").write_text("words " * 100)
+    (tmp_path / "texts" / "b.bin").write_bytes(b"\xff\xfe")
+    docs = corpus.folder_documents("legal", tmp_path / "texts")
+    assert [(s, d) for s, d, _ in docs] == [("legal", "a.txt")]  # non-text suffixes skipped

@@ -302,6 +302,19 @@ def build_corpus(
 def _write_domain(folder: Path, docs: list[tuple[str, str, str]], seed: int) -> dict[str, Any]:
     sources_in = sorted({s for s, _, _ in docs})
     splits = split_chunks(docs, seed)
+    empty = [split for split, chunks in splits.items() if not chunks]
+    if empty:
+        chunks = sum(len(c) for c in splits.values())
+        raise InputError(
+            f"domain {folder.name!r} is too small to split",
+            [
+                Problem(
+                    folder.name,
+                    f"{chunks} chunks of ~{CHUNK_CHARS} characters leave {', '.join(empty)} empty",
+                    "add more text (a few hundred KB at least)",
+                )
+            ],
+        )
     files = {
         split: _write_jsonl(
             folder / f"{split}.jsonl",

@@ -18,7 +18,7 @@ import yaml
 
 from alloy.eval import EvalSettings, evaluate, load_eval_sets, load_scorer, markdown_table
 from alloy.lab.family import build_family
-from alloy.lab.presets import PRESETS
+from alloy.lab.presets import PRESETS, Preset
 
 
 def demo_recipes(
@@ -55,7 +55,7 @@ def run_demo(
     root: Path,
     out: Path,
     *,
-    preset: str = "demo",
+    preset: str | Preset = "demo",
     seed: int = 0,
     force: bool = False,
     say: Callable[[str], None] = print,
@@ -65,11 +65,12 @@ def run_demo(
     from alloy.merge.api import merge
 
     t0 = time.perf_counter()
-    record = build_family(root, preset, seed=seed, on_event=say)
-    family = root / "family" / preset
+    settings = PRESETS[preset] if isinstance(preset, str) and preset in PRESETS else preset
+    record = build_family(root, preset, seed=seed, on_event=say)  # validates the preset name
+    assert isinstance(settings, Preset)
+    family = root / "family" / settings.name
     corpus = root / "corpus"
     domains = [d for d in json.loads((corpus / "manifest.json").read_text())["domains"]]
-    settings = PRESETS[preset]
     timings = {"family_s": time.perf_counter() - t0}
 
     with AtomicFolder(out, force=force) as tmp:
@@ -108,7 +109,7 @@ def run_demo(
             f"better.\n\n{table}\n"
         )
         payload = {
-            "preset": preset,
+            "preset": settings.name,
             "seed": seed,
             "settings": eval_settings.__dict__,
             "timings": timings,
