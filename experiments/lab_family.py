@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from common import ROOT, machine, replace_section  # noqa: E402
+from common import ROOT, machine, replace_section
 
 
 def main() -> None:
