@@ -72,6 +72,7 @@ def _register() -> None:
     from alloy.cli import inspect as _inspect  # noqa: F401
     from alloy.cli import lab as _lab  # noqa: F401
     from alloy.cli import merge as _merge  # noqa: F401
+    from alloy.cli import soup as _soup  # noqa: F401
 
 
 def _terminate(signum: int, frame: FrameType | None) -> None:
