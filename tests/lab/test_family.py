@@ -163,6 +163,7 @@ def test_demo_merges_and_scores_every_model(tmp_path: Path) -> None:
         "merge:soup",
         "merge:task_arithmetic",
         "merge:ties",
+        "soup:greedy-fiction",
     ]
     for row in rows.values():
         assert set(row) == {*corpus.DOMAINS, "overall"}

@@ -113,7 +113,7 @@ def demo(
 
     quiet_transformers()
     payload = run_demo(root, out, preset=preset, seed=seed, force=force, say=typer.echo)
-    print_results(payload["results"], None, "per-domain perplexity (validation; lower is better)")
+    print_results(payload["results"], None, "per-domain perplexity (test split; lower is better)")
     timings = ", ".join(f"{k} {v:.0f}s" for k, v in payload["timings"].items())
     typer.echo(f"wrote {out} ({timings})")
 
