@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import sys
 import tempfile
@@ -23,10 +22,8 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from common import ROOT, machine, replace_section
+from common import ROOT, machine, quiet, replace_section
 
 
 def main() -> None:
@@ -47,7 +44,6 @@ def main() -> None:
     import numpy as np
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
-    from transformers.utils import logging as hf_logging
 
     from alloy.average import AveragingCallback
     from alloy.eval import EvalSettings, evaluate, load_eval_sets, load_scorer
@@ -55,8 +51,7 @@ def main() -> None:
     from alloy.lab.presets import PRESETS
     from alloy.lab.tokens import PackedBlocks
 
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
+    quiet()
     preset = PRESETS[args.preset]
     build_family(args.root, args.preset, on_event=print)
     family = args.root / "family" / args.preset

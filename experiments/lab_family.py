@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import sys
 import time
@@ -24,10 +23,8 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from common import ROOT, machine, replace_section
+from common import ROOT, machine, quiet, replace_section
 
 
 def main() -> None:
@@ -42,13 +39,10 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=ROOT / "experiments" / "results")
     args = parser.parse_args()
 
-    from transformers.utils import logging as hf_logging
-
     from alloy.eval import EvalSettings, evaluate, load_eval_sets, load_scorer
     from alloy.lab.family import build_family
 
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
+    quiet()
     t0 = time.perf_counter()
     record = build_family(args.root, args.preset, on_event=print)
     family = args.root / "family" / args.preset

@@ -11,7 +11,16 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from alloy.cli.main import ALLOW_PICKLE, app, quiet_transformers
+from alloy.cli.main import (
+    ALLOW_PICKLE,
+    BATCH_SIZE,
+    MAX_ITEMS,
+    MAX_TOKENS,
+    STRIDE,
+    WINDOW,
+    app,
+    quiet_transformers,
+)
 
 
 def print_results(results: dict[str, dict[str, Any]], metric: str | None, title: str) -> None:
@@ -41,19 +50,11 @@ def eval_command(
             "folder of them. Repeat for more.",
         ),
     ],
-    window: Annotated[
-        int | None, typer.Option(help="Tokens per window (default: the model's context).")
-    ] = None,
-    stride: Annotated[
-        int | None, typer.Option(help="Tokens between windows (default: half).")
-    ] = None,
-    batch_size: Annotated[int, typer.Option(help="Sequences per forward pass.")] = 8,
-    max_tokens: Annotated[
-        int | None, typer.Option(help="Score at most this many tokens of each text set.")
-    ] = None,
-    max_items: Annotated[
-        int | None, typer.Option(help="Score at most this many items of each choice set.")
-    ] = None,
+    window: Annotated[int | None, WINDOW] = None,
+    stride: Annotated[int | None, STRIDE] = None,
+    batch_size: Annotated[int, BATCH_SIZE] = 8,
+    max_tokens: Annotated[int | None, MAX_TOKENS] = None,
+    max_items: Annotated[int | None, MAX_ITEMS] = None,
     metric: Annotated[
         str, typer.Option(help="Table cell for text sets: perplexity or bits_per_byte.")
     ] = "perplexity",

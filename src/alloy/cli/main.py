@@ -32,6 +32,12 @@ FORCE = typer.Option("--force", help="Replace a non-empty output folder (only on
 ALLOW_PICKLE = typer.Option(
     "--allow-pickle", help="Read PyTorch .bin (pickle) weights; only for files you trust."
 )
+# Evaluation options, shared by `alloy eval` and every command that scores models.
+WINDOW = typer.Option(help="Tokens per window (default: the model's context).")
+STRIDE = typer.Option(help="Tokens between windows (default: half the window).")
+BATCH_SIZE = typer.Option(help="Sequences per forward pass.")
+MAX_TOKENS = typer.Option(help="Score at most this many tokens of each text set.")
+MAX_ITEMS = typer.Option(help="Score at most this many items of each choice/preference set.")
 stderr = Console(stderr=True, highlight=False, soft_wrap=True)
 
 

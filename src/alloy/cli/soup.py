@@ -17,7 +17,17 @@ from rich.console import Console
 from rich.table import Table
 from typer.core import TyperCommand, TyperOption
 
-from alloy.cli.main import ALLOW_PICKLE, FORCE, app, quiet_transformers
+from alloy.cli.main import (
+    ALLOW_PICKLE,
+    BATCH_SIZE,
+    FORCE,
+    MAX_ITEMS,
+    MAX_TOKENS,
+    STRIDE,
+    WINDOW,
+    app,
+    quiet_transformers,
+)
 
 CANDIDATE_FLAGS = ("--candidates", "-c")
 
@@ -119,19 +129,11 @@ def soup_command(
             "(default: perplexity for text, accuracy for choice and preference data)."
         ),
     ] = None,
-    window: Annotated[
-        int | None, typer.Option(help="Tokens per window (default: the model's context).")
-    ] = None,
-    stride: Annotated[
-        int | None, typer.Option(help="Tokens between windows (default: half).")
-    ] = None,
-    batch_size: Annotated[int, typer.Option(help="Sequences per forward pass.")] = 8,
-    max_tokens: Annotated[
-        int | None, typer.Option(help="Score at most this many tokens of each text set.")
-    ] = None,
-    max_items: Annotated[
-        int | None, typer.Option(help="Score at most this many items of each task set.")
-    ] = None,
+    window: Annotated[int | None, WINDOW] = None,
+    stride: Annotated[int | None, STRIDE] = None,
+    batch_size: Annotated[int, BATCH_SIZE] = 8,
+    max_tokens: Annotated[int | None, MAX_TOKENS] = None,
+    max_items: Annotated[int | None, MAX_ITEMS] = None,
     device: Annotated[str, typer.Option(help="Where to score: cpu, cuda, cuda:1, ...")] = "cpu",
     force: Annotated[bool, FORCE] = False,
     allow_pickle: Annotated[bool, ALLOW_PICKLE] = False,
