@@ -87,6 +87,7 @@ def main() -> None:
     out_dir = ROOT / "experiments" / "results"
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"soups_{args.preset}.json").write_text(json.dumps(payload, indent=2) + "\n")
+    plot(payload, domains, ROOT / "docs" / "img" / f"soups_{args.preset}.png")
     text = report_markdown(payload, domains)
     replace_section(ROOT / "docs" / "results.md", f"soups-{args.preset}", text)
     print(text)
@@ -125,8 +126,39 @@ def report_markdown(payload: dict[str, Any], domains: list[str]) -> str:
         f"({'at least as good' if greedy[domain] <= best[domain] else 'worse'}); uniform soup "
         f"{uniform[domain]:.2f}. Out of domain: uniform {uniform['out of domain']:.2f}, greedy "
         f"{greedy['out of domain']:.2f}, best ingredient {best['out of domain']:.2f}.",
+        "",
+        f"![soups](img/soups_{payload['preset']}.png)",
     ]
     return "\n".join(lines)
+
+
+def plot(payload: dict[str, Any], domains: list[str], path: Path) -> None:
+    """In-domain vs mean out-of-domain perplexity of every ingredient and both soups."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    domain = payload["domain"]
+    others = [d for d in domains if d != domain]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, row in payload["results"].items():
+        out = sum(row[d] for d in others) / len(others)
+        marker = "o" if name.startswith("ingredient") else "*"
+        ax.scatter(row[domain], out, marker=marker, s=60 if marker == "o" else 180)
+        ax.annotate(
+            name.replace("ingredient ", ""),
+            (row[domain], out),
+            fontsize=7,
+            xytext=(4, 4),
+            textcoords="offset points",
+        )
+    ax.set_xlabel(f"{domain} test perplexity (in domain)")
+    ax.set_ylabel("mean perplexity on the other domains")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
