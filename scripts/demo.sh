@@ -6,8 +6,8 @@
 # pre-trained on it with transformers.Trainer, four domain experts per base and soup
 # ingredients. Then merges the small base's experts three ways (uniform soup, task arithmetic,
 # TIES) and prints per-domain perplexity of the base, each expert and each merge. Results (table,
-# JSON, plot, recipes) land in runs/demo/out. The first run takes about 5-10 minutes on 2 CPU
-# cores; later runs reuse the cached family and take seconds.
+# JSON, plot, recipes) land in runs/demo/out. The first run took 3 minutes on 2 CPU cores (plus
+# about 2 minutes of pip install on a fresh machine); later runs reuse the cached family.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh dev
