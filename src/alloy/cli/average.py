@@ -13,9 +13,9 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from alloy.cli.main import ALLOW_PICKLE, FORCE, app
+from alloy.cli.merge import run_with_progress
 
 
 @app.command()
@@ -47,7 +47,7 @@ def average(
     step (trainer_state.json, else the checkpoint-<N> name), executed as a streaming merge."""
     from alloy.average.offline import plan_average
     from alloy.io.atomic import check_output_folder
-    from alloy.merge.api import merge, plan
+    from alloy.merge.api import plan
 
     if not dry_run:
         check_output_folder(out, force=force)
@@ -61,24 +61,15 @@ def average(
     if dry_run:
         return
     command = "alloy " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv else None
-    with Progress(
-        TextColumn("averaging"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("tensors"),
-        TimeElapsedColumn(),
-        console=console,
-        disable=quiet or not console.is_terminal,
-        transient=True,
-    ) as progress:
-        task = progress.add_task("average", total=len(merge_plan.jobs))
-        path = merge(
-            merge_plan,
-            out,
-            force=force,
-            allow_pickle=allow_pickle,
-            command=command,
-            on_tensor=lambda job: progress.advance(task),
-        )
+    path = run_with_progress(
+        "averaging",
+        merge_plan,
+        console,
+        quiet=quiet,
+        out=out,
+        force=force,
+        allow_pickle=allow_pickle,
+        command=command,
+    )
     if not quiet:
         console.print(f"wrote {path} ({merge_plan.output_bytes / 1e6:,.1f} MB)")

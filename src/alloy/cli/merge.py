@@ -36,6 +36,26 @@ def parse_size(text: str) -> int:
     return int(value * units[unit])
 
 
+def run_with_progress(
+    label: str, merge_plan: Any, console: Console, *, quiet: bool, **options: Any
+) -> Path:
+    """Execute a MergePlan with a per-tensor progress bar on a terminal (`options` go to merge)."""
+    from alloy.merge.api import merge as run_merge
+
+    with Progress(
+        TextColumn(label),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("tensors"),
+        TimeElapsedColumn(),
+        console=console,
+        disable=quiet or not console.is_terminal,
+        transient=True,
+    ) as progress:
+        task = progress.add_task(label, total=len(merge_plan.jobs))
+        return run_merge(merge_plan, on_tensor=lambda job: progress.advance(task), **options)
+
+
 @app.command()
 def merge(
     recipe: Annotated[Path, typer.Argument(metavar="RECIPE", help="Merge recipe (YAML).")],
@@ -53,7 +73,6 @@ def merge(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Merge the models of RECIPE into OUT (mergekit-compatible YAML)."""
-    from alloy.merge.api import merge as run_merge
     from alloy.merge.api import plan
 
     max_shard_bytes = parse_size(shard_size)
@@ -65,29 +84,19 @@ def merge(
         typer.echo(merge_plan.summary())
         return
     command = "alloy " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv else None
-    show = not quiet and console.is_terminal
-    with Progress(
-        TextColumn("merging"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("tensors"),
-        TimeElapsedColumn(),
-        console=console,
-        disable=not show,
-        transient=True,
-    ) as progress:
-        task = progress.add_task("merge", total=len(merge_plan.jobs))
-        path = run_merge(
-            merge_plan,
-            out,
-            force=force,
-            device=device,
-            max_shard_bytes=max_shard_bytes,
-            allow_pickle=allow_pickle,
-            hash_inputs=not no_hash,
-            command=command,
-            on_tensor=lambda job: progress.advance(task),
-        )
+    path = run_with_progress(
+        "merging",
+        merge_plan,
+        console,
+        quiet=quiet,
+        out=out,
+        force=force,
+        device=device,
+        max_shard_bytes=max_shard_bytes,
+        allow_pickle=allow_pickle,
+        hash_inputs=not no_hash,
+        command=command,
+    )
     if not quiet:
         size = merge_plan.output_bytes / 1e6
         console.print(f"wrote {path} ({len(merge_plan.jobs)} tensors, {size:,.1f} MB)")
