@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel, get_ema_avg_fn, get_ema_multi_avg_fn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from alloy.average import WeightAverager
@@ -80,14 +80,20 @@ def bench_dtype(model: LlamaForCausalLM, dtype: torch.dtype, runs: int) -> dict[
     ours = WeightAverager(model, method="ema", decay=DECAY)
     plain = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(DECAY), use_buffers=False)
     buffers = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(DECAY), use_buffers=True)
-    seconds = time_updates(
-        {
-            "alloy": lambda: ours.update(model),
-            "AveragedModel": lambda: plain.update_parameters(model),
-            "AveragedModel+buffers": lambda: buffers.update_parameters(model),
-        },
-        runs,
-    )
+    contenders = {
+        "alloy": lambda: ours.update(model),
+        "AveragedModel": lambda: plain.update_parameters(model),
+        "AveragedModel+buffers": lambda: buffers.update_parameters(model),
+    }
+    shadow = None
+    if dtype != torch.float32:
+        # The only way AveragedModel keeps an fp32 average of a low-precision model: an fp32
+        # copy updated per tensor through `avg_fn` (its fused multi-tensor path refuses mixed
+        # dtypes: "expected dtype float for `end`").
+        shadow = AveragedModel(model, avg_fn=get_ema_avg_fn(DECAY), use_buffers=False)
+        shadow.module.float()
+        contenders["AveragedModel fp32 average"] = lambda: shadow.update_parameters(model)
+    seconds = time_updates(contenders, runs)
     medians = {name: statistics.median(values) for name, values in seconds.items()}
     return {
         "dtype": str(dtype).removeprefix("torch."),
@@ -98,6 +104,7 @@ def bench_dtype(model: LlamaForCausalLM, dtype: torch.dtype, runs: int) -> dict[
             "alloy": ours.nbytes,
             "AveragedModel": module_bytes(plain.module),
             "AveragedModel+buffers": module_bytes(buffers.module),
+            **({"AveragedModel fp32 average": module_bytes(shadow.module)} if shadow else {}),
         },
         # minimum memory traffic of one update: read x and s, write s
         "traffic": {
@@ -113,8 +120,7 @@ def write_markdown(path: Path, meta: dict[str, Any], rows: list[dict[str, Any]])
         BEGIN,
         "",
         f"Machine: {meta['machine']}; Python {meta['python']}, torch {meta['torch']}, "
-        f"{meta['threads']} torch thread(s). The machine is shared with another long training "
-        f"job, so absolute times are noisy; contenders are interleaved, median of "
+        f"{meta['threads']} torch thread(s). Contenders are interleaved, median of "
         f"{meta['runs']} updates each. Model: Llama, {meta['shape']}. Regenerate with:",
         "",
         "```sh",
@@ -122,19 +128,28 @@ def write_markdown(path: Path, meta: dict[str, Any], rows: list[dict[str, Any]])
         "```",
         "",
         "| model dtype | params | alloy ms | AveragedModel ms | AveragedModel+buffers ms "
-        "| speed vs AveragedModel | average dtype (alloy / AveragedModel) "
+        "| AveragedModel with an fp32 average ms "
+        "| speed vs AveragedModel | speed vs AveragedModel with an fp32 average "
+        "| average dtype (alloy / AveragedModel) "
         "| average MiB (alloy / AveragedModel) | min. traffic MB (alloy / AveragedModel) "
         "| GB/s (alloy / AveragedModel) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         ms, mib = row["ms"], {k: v / 2**20 for k, v in row["bytes"].items()}
         mb = {k: v / 1e6 for k, v in row["traffic"].items()}
         speed = {k: mb[k] / ms[k] for k in mb}  # MB per ms = GB/s
+        fp32_avg = ms.get("AveragedModel fp32 average")
+        same_job = (
+            (f"{fp32_avg:.1f}", f"{fp32_avg / ms['alloy']:.2f}x")
+            if fp32_avg is not None
+            else ("(same as AveragedModel)", f"{ms['AveragedModel'] / ms['alloy']:.2f}x")
+        )
         lines.append(
             f"| {row['dtype']} | {row['params'] / 1e6:.1f}M | {ms['alloy']:.1f} "
             f"| {ms['AveragedModel']:.1f} | {ms['AveragedModel+buffers']:.1f} "
-            f"| {ms['AveragedModel'] / ms['alloy']:.2f}x | float32 / {row['dtype']} "
+            f"| {same_job[0]} | {ms['AveragedModel'] / ms['alloy']:.2f}x | {same_job[1]} "
+            f"| float32 / {row['dtype']} "
             f"| {mib['alloy']:.0f} / {mib['AveragedModel']:.0f} "
             f"| {mb['alloy']:.0f} / {mb['AveragedModel']:.0f} "
             f"| {speed['alloy']:.1f} / {speed['AveragedModel']:.1f} |"
@@ -153,10 +168,15 @@ def write_markdown(path: Path, meta: dict[str, Any], rows: list[dict[str, Any]])
             "in fp32: it must read the bf16 weights and read and write a 4-byte average "
             f"({traffic:.2f}x AveragedModel's bytes, which reads and writes a bf16 copy). It "
             f"takes {slower:.2f}x the time, moving {bandwidth['alloy']:.0f} GB/s against "
-            f"AveragedModel's {bandwidth['AveragedModel']:.0f} GB/s: the extra time is the extra "
-            "bytes, the floor of what an fp32 average costs. AveragedModel's bf16 average is "
+            f"AveragedModel's {bandwidth['AveragedModel']:.0f} GB/s: the extra time is mostly the "
+            "extra bytes (a kernel fusing the cast into the lerp, which torch has no eager op "
+            "for, could take back the rest). AveragedModel's bf16 average is "
             "cheaper because it does not work: at decay 0.999 most of its weights never move "
             "(see docs/average.md). "
+            "Doing the same job as alloy, an fp32 average of the bf16 model, AveragedModel has "
+            "to fall back to its per-tensor `avg_fn` path (its fused path refuses mixed dtypes): "
+            f"{low['ms']['AveragedModel fp32 average']:.1f} ms, "
+            f"{low['ms']['AveragedModel fp32 average'] / low['ms']['alloy']:.1f}x alloy's time. "
             "With `every=N` the cost per optimizer step is divided by N.",
         ]
     lines += ["", END]
