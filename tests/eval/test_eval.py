@@ -17,7 +17,7 @@ from alloy.eval import EvalSettings, evaluate, load_eval_sets, load_scorer
 from alloy.eval.choice import choice_accuracy, preference_accuracy
 from alloy.eval.data import Choice, Preference
 from alloy.eval.perplexity import score_text, windows
-from alloy.lab.tiny import tiny_tokenizer
+from alloy.lab.tiny import tiny_reward_model, tiny_tokenizer
 
 TEXT = (
     "It is a truth universally acknowledged, that a single man in possession of a good "
@@ -132,20 +132,7 @@ def test_preference_accuracy_golden() -> None:
 
 
 def test_reward_model_preference_and_padding(tmp_path: Path) -> None:
-    from transformers import LlamaConfig, LlamaForSequenceClassification
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=128,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_labels=1,
-        pad_token_id=0,
-    )
-    LlamaForSequenceClassification(config).save_pretrained(tmp_path)
+    tiny_reward_model(seed=0).save_pretrained(tmp_path)
     tiny_tokenizer().save_pretrained(tmp_path)
     scorer = load_scorer(tmp_path)
     assert scorer.is_reward_model

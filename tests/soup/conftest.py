@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import torch
 
-from alloy.lab.tiny import tiny_model, tiny_tokenizer
+from alloy.lab.tiny import tiny_model, tiny_reward_model, tiny_tokenizer
 
 TEXT = (
     "It is a truth universally acknowledged, that a single man in possession of a good "
@@ -34,23 +34,7 @@ VARIANTS = {"near_a": (1.0, 11), "near_b": (-1.0, 11), "far": (5.0, 12)}  # (sca
 
 def reward_model(seed: int = 3) -> Any:
     """A tiny LlamaForSequenceClassification with one label (a reward model), seeded."""
-    from transformers import LlamaConfig, LlamaForSequenceClassification
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=128,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        num_labels=1,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    return LlamaForSequenceClassification(config).eval()
+    return tiny_reward_model(seed=seed)
 
 
 def build_variants(make: Any, root: Path, step: float) -> dict[str, Path]:

@@ -124,6 +124,19 @@ def tiny_model(arch: str, *, seed: int = 0, **overrides: Any) -> Any:
     return model.to(spec.dtype).eval()
 
 
+def tiny_reward_model(*, seed: int = 3) -> Any:
+    """A tiny Llama reward model (sequence classification, one label), seeded.
+
+    Its config carries a pad token id, so transformers reads each row's score at its last
+    non-pad token and batched, right-padded scoring is valid.
+    """
+    from transformers import AutoConfig, LlamaForSequenceClassification
+
+    torch.manual_seed(seed)
+    config = AutoConfig.for_model("llama", **_COMMON, num_labels=1)
+    return LlamaForSequenceClassification(config).eval()
+
+
 def build_tiny(
     arch: str,
     out: str | os.PathLike[str],
