@@ -7,4 +7,13 @@ from alloy.errors import AlloyError
 
 __version__ = "0.1.0"
 
-__all__ = ["AlloyError", "__version__"]
+__all__ = ["AlloyError", "Ensemble", "__version__"]
+
+
+def __getattr__(name: str) -> object:
+    # Heavy entry points load on first use, so `import alloy` (and `alloy merge`) stays light.
+    if name == "Ensemble":
+        from alloy.ensemble import Ensemble
+
+        return Ensemble
+    raise AttributeError(f"module 'alloy' has no attribute {name!r}")

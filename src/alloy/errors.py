@@ -7,6 +7,7 @@ user's fault derive from `AlloyError` directly (exit code 1). An error may carry
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -94,3 +95,11 @@ class ProblemCollector:
     def raise_if_any(self, error: type[AlloyError], message: str) -> None:
         if self.problems:
             raise error(message, self.problems)
+
+
+def did_you_mean(word: str, options: Iterable[str], what: str) -> str:
+    """A hint for a misspelt `word`: the closest of `options` (if any) and all of them."""
+    names = sorted(options)
+    listing = f"{what}: {', '.join(names) if names else '(none)'}"
+    close = difflib.get_close_matches(word, names, n=1)
+    return f"did you mean {close[0]!r}? {listing}" if close else listing

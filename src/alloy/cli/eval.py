@@ -39,7 +39,10 @@ def print_results(results: dict[str, dict[str, Any]], metric: str | None, title:
 @app.command("eval")
 def eval_command(
     models: Annotated[
-        list[Path], typer.Argument(metavar="MODEL...", help="Model folders to score.")
+        list[Path],
+        typer.Argument(
+            metavar="MODEL|RECIPE...", help="Model folders or ensemble recipes (.yaml) to score."
+        ),
     ],
     data: Annotated[
         list[Path],
@@ -64,7 +67,10 @@ def eval_command(
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1, ...")] = "cpu",
     allow_pickle: Annotated[bool, ALLOW_PICKLE] = False,
 ) -> None:
-    """Score MODELs on --data and print a table (rows: models, columns: data sets)."""
+    """Score models or ensembles on --data and print a table (rows: models, columns: sets).
+
+    An ensemble recipe is scored under its rule on the same windows as plain models.
+    """
     from alloy.errors import InputError, Problem
     from alloy.eval import EvalSettings, evaluate, load_eval_sets, load_scorer
 
@@ -83,11 +89,13 @@ def eval_command(
     ]
     if window and stride and stride > window:
         problems.append(Problem("--stride", f"{stride} is larger than --window {window}"))
-    problems += [
-        Problem(str(m), "not a model folder (no config.json)")
-        for m in models
-        if not (m / "config.json").is_file()
-    ]
+    from alloy.ensemble.recipe import is_recipe_path, load_ensemble_recipe
+
+    for m in models:
+        if is_recipe_path(m):
+            load_ensemble_recipe(m)  # a bad recipe fails here, before any model is loaded
+        elif not (m / "config.json").is_file():
+            problems.append(Problem(str(m), "not a model folder (no config.json)"))
     if problems:
         raise InputError("cannot evaluate", problems)
     sets = load_eval_sets(data)
@@ -95,7 +103,13 @@ def eval_command(
     settings = EvalSettings(window, stride, batch_size, max_tokens, max_items)
     results: dict[str, dict[str, Any]] = {}
     for model in models:
-        scorer = load_scorer(model, device=device, allow_pickle=allow_pickle, name=str(model))
+        if is_recipe_path(model):
+            from alloy.ensemble import Ensemble
+
+            scorer: Any = Ensemble.from_recipe(model, device=device, allow_pickle=allow_pickle)
+            scorer.name = str(model)
+        else:
+            scorer = load_scorer(model, device=device, allow_pickle=allow_pickle, name=str(model))
         results[str(model)] = evaluate(scorer, sets, settings)
     print_results(results, metric, f"alloy eval ({metric} for text sets, accuracy for tasks)")
     if json_out is not None:

@@ -76,6 +76,7 @@ def _register() -> None:
     # Commands live in their own modules and attach themselves to `app` on import.
     from alloy.cli import average as _average  # noqa: F401
     from alloy.cli import eval as _eval  # noqa: F401
+    from alloy.cli import generate as _generate  # noqa: F401
     from alloy.cli import inspect as _inspect  # noqa: F401
     from alloy.cli import lab as _lab  # noqa: F401
     from alloy.cli import merge as _merge  # noqa: F401

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 
 from alloy.eval.data import Choice, Preference
-from alloy.eval.scorer import RewardScorer, Scorer
+from alloy.eval.scorer import RewardScorer, Scorer, start_ids
 
 
 def continuation_logprobs(
@@ -22,8 +22,7 @@ def continuation_logprobs(
 ) -> list[float]:
     """Summed log p(continuation | context) for each `(context, continuation)` pair."""
     tokenizer = scorer.tokenizer
-    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    prefix = [] if start is None else [start]
+    prefix = start_ids(tokenizer)
     rows = []
     for context, continuation in pairs:
         ctx = prefix + tokenizer(context, add_special_tokens=False)["input_ids"]

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from alloy.eval.scorer import Scorer
+from alloy.eval.scorer import Scorer, start_ids
 
 
 @dataclass(frozen=True)
@@ -82,8 +82,7 @@ def encode_documents(
     one is cut at a token boundary. Returns the ids and the UTF-8 bytes of the scored text.
     """
     tokenizer = scorer.tokenizer
-    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    prefix = [] if start is None else [start]
+    prefix = start_ids(tokenizer)
     encoded, total_bytes, budget = [], 0, max_tokens
     for text in documents:
         tokens = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)

@@ -44,6 +44,13 @@ class RewardScorer(Protocol):
         ...
 
 
+def start_ids(tokenizer: Any) -> list[int]:
+    """The token every scored or generated text starts with: BOS, else EOS (the document
+    separator of GPT-2 style models, which is what they saw before a document), else none."""
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    return [] if start is None else [int(start)]
+
+
 def gather_logprobs(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
     """Log-probability of each next token under `logits`, shifted into place.
 

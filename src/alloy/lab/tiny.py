@@ -107,8 +107,12 @@ def tiny_tokenizer() -> Any:
     return tokenizer
 
 
-def tiny_model(arch: str, *, seed: int = 0, **overrides: Any) -> Any:
-    """An in-memory tiny model of `arch` (a key of TINY) with seeded non-trivial weights."""
+def tiny_model(arch: str, *, seed: int = 0, noise: float = 0.05, **overrides: Any) -> Any:
+    """An in-memory tiny model of `arch` (a key of TINY) with seeded non-trivial weights.
+
+    `noise` is the std of the seeded noise added to every parameter; around 0.5 the model's
+    greedy output varies with context instead of settling on one repeated token (decoding tests).
+    """
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if arch not in TINY:
@@ -120,7 +124,7 @@ def tiny_model(arch: str, *, seed: int = 0, **overrides: Any) -> Any:
     generator = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for param in model.parameters():
-            param.add_(torch.randn(param.shape, generator=generator) * 0.05)
+            param.add_(torch.randn(param.shape, generator=generator) * noise)
     return model.to(spec.dtype).eval()
 
 
@@ -145,6 +149,7 @@ def build_tiny(
     sharded: bool | None = None,
     layers: int | None = None,
     force: bool = False,
+    noise: float = 0.05,
     **overrides: Any,
 ) -> Path:
     """Save a tiny `arch` checkpoint (weights, config, tokenizer, generation config) to `out`.
@@ -157,7 +162,7 @@ def build_tiny(
     spec = TINY.get(arch)
     if layers is not None:
         overrides["n_layer" if arch == "gpt2" else "num_hidden_layers"] = layers
-    model = tiny_model(arch, seed=seed, **overrides)
+    model = tiny_model(arch, seed=seed, noise=noise, **overrides)
     assert spec is not None
     shard = spec.max_shard_size if sharded is None else ("40KB" if sharded else None)
     with AtomicFolder(out, force=force) as tmp:

@@ -18,10 +18,8 @@ the recipe's parameters, the method's default.
 from __future__ import annotations
 
 import copy
-import difflib
 import os
-import re
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, NamedTuple
 
@@ -29,7 +27,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic_core import ErrorDetails
 
-from alloy.errors import ProblemCollector, RecipeError
+from alloy.errors import ProblemCollector, RecipeError, did_you_mean
+from alloy.io.yamlfile import read_yaml
 from alloy.merge.registry import MethodSpec, Param, all_methods, get_method
 
 Scalar = bool | int | float | str
@@ -180,13 +179,13 @@ def load_recipe(source: str | os.PathLike[str] | Mapping[str, Any]) -> Recipe:
     if isinstance(source, Mapping):
         raw, origin = dict(source), "<mapping>"
     elif isinstance(source, str) and ("\n" in source or not source.endswith((".yaml", ".yml"))):
-        raw, origin = _parse(source, "<text>"), "<text>"
+        raw, origin = read_yaml(source, "<text>"), "<text>"
     else:
         try:
             text = Path(source).read_text(encoding="utf-8")
         except (OSError, UnicodeError) as error:
             raise RecipeError(f"cannot read recipe {source}: {error}") from error
-        raw, origin = _parse(text, str(source)), str(source)
+        raw, origin = read_yaml(text, str(source)), str(source)
     if not isinstance(raw, dict):
         raise RecipeError(f"{origin}: a recipe is a mapping (merge_method:, models:, ...)")
     problems = ProblemCollector()
@@ -199,25 +198,6 @@ def load_recipe(source: str | os.PathLike[str] | Mapping[str, Any]) -> Recipe:
     return recipe
 
 
-class _Loader(yaml.SafeLoader):
-    """SafeLoader that rejects duplicate keys and reads `1e-3` as a number (as YAML 1.2 does)."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen = set()
-        for key, _ in node.value:
-            if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
-                if key.value in seen:
-                    message = f"duplicate key {key.value!r}"
-                    raise yaml.constructor.ConstructorError(None, None, message, key.start_mark)
-                seen.add(key.value)
-        return super().construct_mapping(node, deep=deep)
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9]+[eE][-+]?[0-9]+$"), list("-+0123456789")
-)
-
-
 class _Dumper(yaml.SafeDumper):
     """Writes lists of numbers (gradients, layer ranges) on one line, as mergekit does."""
 
@@ -228,17 +208,6 @@ def _represent_list(dumper: yaml.SafeDumper, data: list[Any]) -> yaml.SequenceNo
 
 
 _Dumper.add_representer(list, _represent_list)
-
-
-def _parse(text: str, origin: str) -> Any:
-    try:
-        return yaml.load(text, Loader=_Loader)
-    except yaml.MarkedYAMLError as error:
-        mark = error.problem_mark or error.context_mark
-        at = f"{origin}:{mark.line + 1}:{mark.column + 1}" if mark else origin
-        raise RecipeError(f"{at}: invalid YAML: {error.problem or error.context}") from error
-    except yaml.YAMLError as error:
-        raise RecipeError(f"{origin}: invalid YAML: {error}") from error
 
 
 def _parse_schema(raw: dict[str, Any], problems: ProblemCollector) -> Recipe | None:
@@ -286,7 +255,7 @@ def _schema_issue(detail: ErrorDetails) -> _Issue:
         key = str(loc[-1])
         if key in schema.mergekit_only:
             return where, f"{key!r} is supported by mergekit, not yet by alloy", "remove it"
-        return where, f"unknown key {key!r}", _suggest(key, schema.model_fields, "allowed keys")
+        return where, f"unknown key {key!r}", did_you_mean(key, schema.model_fields, "allowed keys")
     if detail["type"] == "missing":
         return where, "required key is missing", None
     hint = None
@@ -323,7 +292,7 @@ def _issues(recipe: Recipe) -> Iterator[_Issue]:
     methods = all_methods()
     method = methods.get(recipe.merge_method)
     if method is None:
-        hint = _suggest(recipe.merge_method, methods, "available")
+        hint = did_you_mean(recipe.merge_method, methods, "available")
         yield "merge_method", f"unknown merge method {recipe.merge_method!r}", hint
     if recipe.tokenizer_source == "union":
         hint = "use 'base' or a model's path, or leave it out to keep the base model's tokenizer"
@@ -397,7 +366,7 @@ def _setting_issues(
     """Problems of one setting; `move_to` is where shared parameters belong, if not here."""
     param = method.params.get(key)
     if param is None:
-        hint = _suggest(key, method.params, f"{method.name} takes")
+        hint = did_you_mean(key, method.params, f"{method.name} takes")
         yield where, f"{method.name} has no parameter {key!r}", hint
     elif move_to is not None and not param.per_model:
         yield where, f"{key!r} is shared by all models", f"move it to {move_to}"
@@ -422,7 +391,7 @@ def _value_problems(setting: Setting, param: Param, nested: bool) -> Iterator[tu
         for i, condition in enumerate([setting] if single else setting):
             at = "" if single else f"[{i}]"
             for key in sorted(set(condition) - {"filter", "value"}, key=str):
-                hint = _suggest(str(key), ["filter", "value"], "keys")
+                hint = did_you_mean(str(key), ["filter", "value"], "keys")
                 yield f"{at}.{key}", f"unknown key ({hint})"
             pattern = condition.get("filter")
             if pattern is not None and not isinstance(pattern, str):
@@ -464,10 +433,3 @@ def _is_number(value: Any) -> bool:
 def _all(setting: Any, kind: Any) -> bool:
     """Whether `setting` is a non-empty list of `kind`."""
     return isinstance(setting, list) and bool(setting) and all(isinstance(v, kind) for v in setting)
-
-
-def _suggest(word: str, options: Iterable[str], what: str) -> str:
-    names = sorted(options)
-    listing = f"{what}: {', '.join(names) if names else '(none)'}"
-    close = difflib.get_close_matches(word, names, n=1)
-    return f"did you mean {close[0]!r}? {listing}" if close else listing

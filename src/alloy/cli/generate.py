@@ -1,0 +1,162 @@
+"""`alloy generate TARGET --prompt ...`: decode with an ensemble recipe (or one model folder), and
+`alloy rules`: the ensemble rules."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from alloy.cli.main import ALLOW_PICKLE, app, quiet_transformers
+from alloy.errors import InputError, Problem
+
+TARGET = typer.Argument(
+    metavar="RECIPE|MODEL", help="An ensemble recipe (.yaml) or one model folder."
+)
+
+
+def read_prompts(prompts: list[str], prompts_file: Path | None) -> list[str]:
+    """--prompt values, then the lines of --prompts (a .jsonl file: each record's "prompt")."""
+    out = list(prompts)
+    if prompts_file is None:
+        return out
+    if not prompts_file.is_file():
+        raise InputError(f"--prompts {prompts_file}: no such file")
+    lines = prompts_file.read_text(encoding="utf-8").splitlines()
+    if prompts_file.suffix != ".jsonl":
+        return out + [line for line in lines if line.strip()]
+    problems = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            problems.append(Problem(f"{prompts_file}:{number}", f"not JSON ({error.msg})"))
+            continue
+        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+            problems.append(Problem(f"{prompts_file}:{number}", 'needs a string "prompt"'))
+            continue
+        out.append(record["prompt"])
+    if problems:
+        raise InputError("cannot read prompts", problems)
+    return out
+
+
+def load_target(target: Path, *, device: str | None, allow_pickle: bool) -> Any:
+    """An `Ensemble` from a recipe, or a one-member ensemble of a model folder."""
+    from alloy.ensemble import Ensemble, is_recipe_path
+
+    if is_recipe_path(target):
+        return Ensemble.from_recipe(target, device=device, allow_pickle=allow_pickle)
+    if not (target / "config.json").is_file():
+        raise InputError(
+            f"{target}: neither an ensemble recipe (.yaml) nor a model folder (no config.json)"
+        )
+    recipe = {"rule": "linear", "members": [{"model": str(target)}], "name": str(target)}
+    return Ensemble.from_recipe(recipe, device=device, allow_pickle=allow_pickle)
+
+
+@app.command("generate")
+def generate_command(
+    target: Annotated[Path, TARGET],
+    prompt: Annotated[
+        list[str] | None, typer.Option("--prompt", "-p", help="A prompt; repeat for more.")
+    ] = None,
+    prompts_file: Annotated[
+        Path | None,
+        typer.Option("--prompts", help='A text file (one prompt per line) or JSONL ("prompt").'),
+    ] = None,
+    max_new_tokens: Annotated[int | None, typer.Option(help="Tokens to add at most.")] = None,
+    sample: Annotated[
+        bool | None, typer.Option("--sample/--greedy", help="Sample, or take the argmax.")
+    ] = None,
+    temperature: Annotated[float | None, typer.Option(help="Warper: temperature.")] = None,
+    top_k: Annotated[int | None, typer.Option(help="Warper: keep the k best tokens.")] = None,
+    top_p: Annotated[float | None, typer.Option(help="Warper: nucleus mass.")] = None,
+    min_p: Annotated[float | None, typer.Option(help="Warper: min-p fraction.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Sampling seed.")] = None,
+    stop: Annotated[
+        list[str] | None, typer.Option("--stop", help="Stop string; repeat for more.")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(help="Prompts decoded together.")] = 8,
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Also write JSONL, one line per prompt.")
+    ] = None,
+    device: Annotated[
+        str | None, typer.Option(help="Device for members without their own (default: cpu).")
+    ] = None,
+    allow_pickle: Annotated[bool, ALLOW_PICKLE] = False,
+) -> None:
+    """Continue prompts with an ensemble recipe's members and rule (or one model).
+
+    Flags override the recipe's `sampling` settings.
+    """
+    prompts = read_prompts(prompt or [], prompts_file)
+    problems = []
+    if not prompts:
+        problems.append(Problem("--prompt/--prompts", "no prompt given"))
+    if batch_size <= 0:
+        problems.append(Problem("--batch-size", f"must be positive, got {batch_size}"))
+    if max_new_tokens is not None and max_new_tokens <= 0:
+        problems.append(Problem("--max-new-tokens", f"must be positive, got {max_new_tokens}"))
+    from alloy.ensemble.filters import check_filters
+
+    warpers = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "min_p": min_p}
+    given = {k: v for k, v in warpers.items() if v is not None}
+    problems += [Problem(f"--{k.replace('_', '-')}", m) for k, m in check_filters(given)]
+    if problems:
+        raise InputError("cannot generate", problems)
+    quiet_transformers()
+    ensemble = load_target(target, device=device, allow_pickle=allow_pickle)
+    overrides: dict[str, Any] = {**given}
+    for key, value in (
+        ("max_new_tokens", max_new_tokens),
+        ("do_sample", sample),
+        ("seed", seed),
+        ("stop", tuple(stop) if stop else None),
+    ):
+        if value is not None:
+            overrides[key] = value
+    generations = ensemble.generate(prompts, batch_size=batch_size, **overrides)
+    console = Console(highlight=False)
+    for g in generations:
+        console.print(f"[dim]{escape(g.prompt)}[/]{escape(g.text)}  [dim]({g.finish_reason})[/]")
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text("".join(json.dumps(g.as_dict()) + "\n" for g in generations))
+        tmp.replace(out)
+
+
+@app.command("rules")
+def rules_command(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """List the ensemble rules: members (roles or weights), parameters and reference."""
+    from alloy.ensemble import RULES
+
+    described: list[dict[str, Any]] = [
+        {
+            "name": r.name,
+            "members": list(r.roles) if r.roles else "any, weighted",
+            "parameters": r.params,
+            "summary": r.summary,
+            "reference": r.reference,
+        }
+        for r in RULES.values()
+    ]
+    if as_json:
+        typer.echo(json.dumps(described, indent=2))
+        return
+    table = Table("rule", "members", "parameters", "summary", box=None, pad_edge=False)
+    for r in described:
+        members = r["members"] if isinstance(r["members"], str) else ", ".join(r["members"])
+        params = ", ".join(f"{k}={v:g}" for k, v in r["parameters"].items())
+        table.add_row(r["name"], members, params or "-", r["summary"])
+    Console(highlight=False).print(table)

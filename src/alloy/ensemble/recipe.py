@@ -1,0 +1,272 @@
+"""Ensemble recipes: YAML naming the members, the rule and its parameters, and the sampling.
+
+    rule: proxy_tuning            # alloy rules lists them all
+    parameters: {alpha: 1.0}
+    members:
+      - {model: large/base, role: base}
+      - {model: small/experts/fiction, role: expert}
+      - {model: small/base, role: anti_expert}
+    sampling: {max_new_tokens: 64, do_sample: true, top_p: 0.9, seed: 0}
+
+Member keys: model (folder), name, role (rules with roles), weight (linear / log_linear; default
+uniform), template (a string containing {prompt}, or "chat" for the tokenizer's chat template),
+filters (temperature, top_k, top_p, min_p, applied to this member before combining), samples and
+pool and dropout (a dropout ensemble of one model), device, dtype. Everything is checked before any
+model is loaded and every problem is reported at once, with its YAML path.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from alloy.ensemble.decoder import Sampling
+from alloy.ensemble.filters import check_filters
+from alloy.ensemble.members import MemberSpec
+from alloy.ensemble.rules import RULES
+from alloy.errors import ProblemCollector, RecipeError, did_you_mean
+from alloy.io.yamlfile import read_yaml
+
+Number = float | int
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class MemberEntry(_Strict):
+    model: str
+    name: str | None = None
+    role: str | None = None
+    weight: Number | None = None
+    template: str | None = None
+    filters: dict[str, Number] = Field(default_factory=dict)
+    samples: int = Field(default=1, ge=1)
+    pool: Literal["linear", "log_linear"] = "linear"
+    dropout: Number | None = Field(default=None, ge=0, lt=1)
+    device: str | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+
+class SamplingEntry(_Strict):
+    max_new_tokens: int = Field(default=64, ge=1)
+    do_sample: bool = False
+    temperature: Number | None = None
+    top_k: int | None = None
+    top_p: Number | None = None
+    min_p: Number | None = None
+    seed: int = 0
+    stop: list[str] = Field(default_factory=list)
+    ignore_eos: bool = False
+
+
+class EnsembleRecipe(_Strict):
+    """A validated ensemble recipe; build it with `load_ensemble_recipe`."""
+
+    name: str | None = None
+    rule: str
+    parameters: dict[str, Number] = Field(default_factory=dict)
+    members: list[MemberEntry] = Field(min_length=1)
+    sampling: SamplingEntry = Field(default_factory=SamplingEntry)
+    device: str | None = None
+
+    def member_specs(self) -> list[MemberSpec]:
+        """The members in the rule's role order, with weights filled in (uniform by default)."""
+        spec = RULES[self.rule]
+        members = list(self.members)
+        roles = spec.roles
+        if roles is not None:
+            members.sort(key=lambda m: roles.index(str(m.role)))
+        uniform = 1.0 / len(members)
+        return [
+            MemberSpec(
+                model=m.model,
+                name=m.name,
+                role=m.role,
+                weight=(m.weight if m.weight is not None else uniform) if spec.weighted else None,
+                template=m.template,
+                filters={k: v for k, v in m.filters.items()},
+                samples=m.samples,
+                pool=m.pool,
+                dropout=m.dropout,
+                device=m.device,
+                dtype=m.dtype,
+            )
+            for m in members
+        ]
+
+    def rule_parameters(self) -> dict[str, float]:
+        return {**RULES[self.rule].params, **{k: float(v) for k, v in self.parameters.items()}}
+
+    def to_sampling(self) -> Sampling:
+        s = self.sampling
+        return Sampling(
+            max_new_tokens=s.max_new_tokens,
+            do_sample=s.do_sample,
+            temperature=s.temperature,
+            top_k=s.top_k,
+            top_p=s.top_p,
+            min_p=s.min_p,
+            seed=s.seed,
+            stop=tuple(s.stop),
+            ignore_eos=s.ignore_eos,
+        )
+
+
+_NESTED: dict[str, type[_Strict]] = {"members": MemberEntry, "sampling": SamplingEntry}
+
+
+def is_recipe_path(path: str | os.PathLike[str]) -> bool:
+    return str(path).endswith((".yaml", ".yml"))
+
+
+def load_ensemble_recipe(
+    source: str | os.PathLike[str] | Mapping[str, Any], *, check_paths: bool = True
+) -> EnsembleRecipe:
+    """Read and check an ensemble recipe (a YAML path or an already parsed mapping);
+    `check_paths=False` skips checking that each member folder exists.
+
+    Raises:
+        RecipeError: with every problem found, each with its YAML path.
+    """
+    if isinstance(source, Mapping):
+        raw, origin = dict(source), "<mapping>"
+    else:
+        try:
+            text = Path(source).read_text(encoding="utf-8")
+        except (OSError, UnicodeError) as error:
+            raise RecipeError(f"cannot read ensemble recipe {source}: {error}") from error
+        raw, origin = read_yaml(text, str(source)), str(source)
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{origin}: an ensemble recipe is a mapping (rule:, members:, ...)")
+    problems = ProblemCollector()
+    recipe = _validate(raw, problems)
+    if recipe is None:
+        problems.raise_if_any(RecipeError, f"invalid ensemble recipe ({origin})")
+        raise AssertionError("schema validation failed without a problem")
+    for where, message, hint in _issues(recipe, check_paths):
+        problems.add(where, message, hint)
+    problems.raise_if_any(RecipeError, f"invalid ensemble recipe ({origin})")
+    return recipe
+
+
+def _validate(raw: dict[str, Any], problems: ProblemCollector) -> EnsembleRecipe | None:
+    """The recipe's structure. Unknown keys are reported, dropped, and the rest validated again,
+    so that a misspelt key does not hide the problems behind it."""
+    data = copy.deepcopy(raw)
+    for _ in range(3):
+        try:
+            return EnsembleRecipe.model_validate(data)
+        except ValidationError as error:
+            details = error.errors()
+        droppable = True
+        for detail in details:
+            loc = detail["loc"]
+            where = ".".join(str(p) for p in loc) or "(top)"
+            if detail["type"] != "extra_forbidden":
+                problems.add(where, f"{detail['msg']}, got {repr(detail.get('input'))[:60]}")
+                droppable = False
+                continue
+            key = str(loc[-1])
+            schema = _NESTED.get(str(loc[0]), EnsembleRecipe) if len(loc) > 1 else EnsembleRecipe
+            hint = did_you_mean(key, schema.model_fields, "allowed keys")
+            problems.add(where, f"unknown key {key!r}", hint)
+            node: Any = data
+            for part in loc[:-1]:
+                node = node[part]
+            del node[loc[-1]]
+        if not droppable:
+            return None
+    return None
+
+
+def _issues(recipe: EnsembleRecipe, check_paths: bool) -> list[tuple[str, str, str | None]]:
+    issues: list[tuple[str, str, str | None]] = []
+    spec = RULES.get(recipe.rule)
+    if spec is None:
+        hint = did_you_mean(recipe.rule, RULES, "rules")
+        return [("rule", f"unknown rule {recipe.rule!r}", hint)]
+    for key in recipe.parameters:
+        if key not in spec.params:
+            hint = did_you_mean(key, spec.params, f"{spec.name} takes")
+            issues.append((f"parameters.{key}", "unknown parameter", hint))
+    issues += _parameter_ranges(recipe)
+    members = recipe.members
+    if spec.roles is not None:
+        roles = [m.role for m in members]
+        for i, m in enumerate(members):
+            if m.role is None:
+                issues.append((f"members.{i}", "needs a role", f"{spec.name} takes {spec.roles}"))
+            elif m.role not in spec.roles:
+                hint = did_you_mean(m.role, spec.roles, "roles")
+                issues.append((f"members.{i}.role", f"unknown role {m.role!r}", hint))
+            if m.weight is not None:
+                issues.append((f"members.{i}.weight", f"{spec.name} does not weight members", None))
+        for role in spec.roles:
+            if roles.count(role) != 1:
+                found = f"needs exactly one {role!r} member, found {roles.count(role)}"
+                issues.append(("members", found, None))
+    else:
+        issues += _weight_issues(recipe)
+    for i, m in enumerate(members):
+        if check_paths and not (Path(m.model) / "config.json").is_file():
+            hint = "a Hugging Face model folder (paths are relative to the working directory)"
+            issues.append((f"members.{i}.model", f"{m.model}: no config.json", hint))
+        for key, message in check_filters(m.filters):
+            issues.append((f"members.{i}.filters.{key}", message, None))
+        if m.template is not None and m.template != "chat" and "{prompt}" not in m.template:
+            issues.append((f"members.{i}.template", "has no {prompt}", 'or use "chat"'))
+        if m.samples == 1 and m.dropout is not None:
+            hint = "set samples: 4 (say) for a dropout ensemble"
+            issues.append((f"members.{i}.dropout", "has no effect with samples: 1", hint))
+    s = recipe.sampling
+    warpers = recipe.to_sampling().warpers()
+    for key, message in check_filters(warpers):
+        issues.append((f"sampling.{key}", message, None))
+    if any(not stop for stop in s.stop):
+        issues.append(("sampling.stop", "an empty stop string stops at once", None))
+    if warpers and not s.do_sample and set(warpers) != {"temperature"}:
+        message = "top_k/top_p/min_p only matter when sampling"
+        issues.append(("sampling", message, "set do_sample: true"))
+    return issues
+
+
+def _weight_issues(recipe: EnsembleRecipe) -> list[tuple[str, str, str | None]]:
+    spec = RULES[recipe.rule]
+    members = recipe.members
+    issues: list[tuple[str, str, str | None]] = []
+    given = [m.weight for m in members if m.weight is not None]
+    if given and len(given) != len(members):
+        issues.append(("members", "give every member a weight or none (uniform)", None))
+        return issues
+    if not given:
+        return issues
+    if spec.signed_weights:
+        if all(w == 0 for w in given):
+            issues.append(("members", "all weights are 0", None))
+        return issues
+    for i, m in enumerate(members):
+        if m.weight is not None and m.weight < 0:
+            hint = "use log_linear for negative evidence"
+            issues.append((f"members.{i}.weight", f"{spec.name} needs weights >= 0", hint))
+    if abs(sum(given) - 1.0) > 1e-6:
+        issues.append(("members", f"{spec.name} weights must sum to 1, got {sum(given):g}", None))
+    return issues
+
+
+def _parameter_ranges(recipe: EnsembleRecipe) -> list[tuple[str, str, str | None]]:
+    params = recipe.parameters
+    issues: list[tuple[str, str, str | None]] = []
+    if recipe.rule == "dexperts" and "top_p" in params and not 0 < params["top_p"] <= 1:
+        issues.append(("parameters.top_p", "must be in (0, 1]", None))
+    if recipe.rule == "contrastive":
+        if "alpha" in params and not 0 < params["alpha"] <= 1:
+            issues.append(("parameters.alpha", "must be in (0, 1] (plausibility threshold)", None))
+        if "beta" in params and params["beta"] < 0:
+            issues.append(("parameters.beta", "must be >= 0", None))
+    return issues

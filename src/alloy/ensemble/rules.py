@@ -1,0 +1,166 @@
+"""Ensemble rules: pure functions from the members' next-token scores to one distribution.
+
+Every rule takes `scores`, a (K, B, V) tensor of K members' logits *or* log-probabilities (each
+member row is first normalised with log_softmax, so the two give the same answer), and returns
+normalised fp32 log-probabilities (B, V). A token a member filter removed arrives as -inf and stays
+removed. Rules with roles receive the members in the order of `RuleSpec.roles`; weighted rules take
+one weight per member.
+
+Shapes: K members, B rows, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from alloy.ensemble.filters import NEG_INF, top_p
+
+
+@dataclass(frozen=True)
+class RuleSpec:
+    name: str
+    fn: Callable[..., torch.Tensor]
+    summary: str
+    reference: str
+    roles: tuple[str, ...] | None  # None: any number of members, one weight each
+    params: dict[str, float] = field(default_factory=dict)  # name -> default
+    signed_weights: bool = False  # weights may be negative (otherwise >= 0 and summing to 1)
+
+    @property
+    def weighted(self) -> bool:
+        return self.roles is None
+
+
+RULES: dict[str, RuleSpec] = {}
+
+
+def _rule(
+    summary: str,
+    reference: str,
+    roles: tuple[str, ...] | None = None,
+    signed_weights: bool = False,
+    **params: float,
+) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
+    def register(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        if fn.__name__ in RULES:
+            raise ValueError(f"ensemble rule {fn.__name__!r} is registered twice")
+        RULES[fn.__name__] = RuleSpec(
+            fn.__name__, fn, summary, reference, roles, dict(params), signed_weights
+        )
+        return fn
+
+    return register
+
+
+def normalise(scores: torch.Tensor) -> torch.Tensor:
+    """(..., V) logits or log-probabilities -> fp32 log-probabilities."""
+    return torch.log_softmax(scores.float(), dim=-1)
+
+
+def _weighted_sum(logprobs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """sum_k w_k * logprobs[k] (K, B, V) -> (B, V), with -inf wherever any member has -inf.
+
+    Without the mask a filtered-out token (-inf) times a negative weight would become +inf.
+    """
+    removed = torch.isinf(logprobs).any(dim=0)  # (B, V)
+    finite = logprobs.masked_fill(torch.isinf(logprobs), 0.0)
+    total = torch.einsum("k,kbv->bv", weights, finite)
+    return total.masked_fill(removed, NEG_INF)
+
+
+def _renormalise(scores: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
+    """log_softmax of `scores` (B, V); a row where every token was removed takes `fallback`'s row
+    (only possible when member filters leave no token in common)."""
+    empty = torch.isinf(scores).all(dim=-1, keepdim=True)  # (B, 1)
+    if bool(empty.any()):
+        scores = torch.where(empty, fallback, scores)
+    return torch.log_softmax(scores, dim=-1)
+
+
+@_rule(
+    "mixture of probabilities: log sum_k w_k p_k (weights >= 0, summing to 1)",
+    "Jelinek & Mercer (1980), interpolated estimation of Markov source parameters",
+)
+def linear(scores: torch.Tensor, *, weights: torch.Tensor) -> torch.Tensor:
+    """log p(x) = logsumexp_k (log w_k + log p_k(x)), computed in log space (no underflow)."""
+    logprobs = normalise(scores)  # (K, B, V)
+    log_weights = torch.log(weights.float()).to(logprobs.device)[:, None, None]  # (K, 1, 1)
+    return torch.logsumexp(logprobs + log_weights, dim=0)  # already normalised
+
+
+@_rule(
+    "product of experts: softmax(sum_k w_k log p_k); a negative weight is evidence against",
+    "Klakow (1998), log-linear interpolation of LMs; Hinton (2002), products of experts",
+    signed_weights=True,
+)
+def log_linear(scores: torch.Tensor, *, weights: torch.Tensor) -> torch.Tensor:
+    """log p(x) = sum_k w_k log p_k(x) - log Z."""
+    logprobs = normalise(scores)
+    total = _weighted_sum(logprobs, weights.float().to(logprobs.device))
+    return _renormalise(total, logprobs[0])
+
+
+@_rule(
+    "base + alpha (expert - anti_expert): steer a large base with a small tuned pair",
+    "https://arxiv.org/abs/2401.08565",
+    roles=("base", "expert", "anti_expert"),
+    alpha=1.0,
+)
+def proxy_tuning(scores: torch.Tensor, *, alpha: float) -> torch.Tensor:
+    """log p(x) = log p_base(x) + alpha (log p_expert(x) - log p_anti(x)) - log Z.
+
+    Liu et al. (2024) add logits; per-row constants cancel in the softmax, so log-probabilities
+    give the same distribution.
+    """
+    logprobs = normalise(scores)
+    weights = torch.tensor([1.0, alpha, -alpha], device=logprobs.device)
+    return _renormalise(_weighted_sum(logprobs, weights), logprobs[0])
+
+
+@_rule(
+    "DExperts: the base's top-p nucleus, re-scored by + alpha (expert - anti_expert)",
+    "https://arxiv.org/abs/2105.03023",
+    roles=("base", "expert", "anti_expert"),
+    alpha=2.0,
+    top_p=0.9,
+)
+def dexperts(scores: torch.Tensor, *, alpha: float, top_p: float) -> torch.Tensor:
+    """log p(x) = log p_base(x) + alpha (log p_expert(x) - log p_anti(x)) - log Z for x in the
+    base's top-p nucleus, -inf outside it (Liu et al., 2021, section 2.1)."""
+    logprobs = normalise(scores)
+    base = _top_p(logprobs[0], top_p)
+    return proxy_tuning(torch.stack([base, logprobs[1], logprobs[2]]), alpha=alpha)
+
+
+_top_p = top_p  # the parameter named top_p shadows the filter inside `dexperts`
+
+
+@_rule(
+    "contrastive decoding: (1 + beta) expert - beta amateur, on the expert's plausible tokens",
+    "https://arxiv.org/abs/2309.09117",
+    roles=("expert", "amateur"),
+    beta=0.5,
+    alpha=0.1,
+)
+def contrastive(scores: torch.Tensor, *, beta: float, alpha: float) -> torch.Tensor:
+    """score(x) = (1 + beta) log p_e(x) - beta log p_a(x) for x with p_e(x) >= alpha max p_e,
+    -inf otherwise, then normalised (O'Brien & Lewis, 2023; the mask is Li et al.'s,
+    https://arxiv.org/abs/2210.15097)."""
+    logprobs = normalise(scores)
+    expert = logprobs[0]
+    floor = expert.max(dim=-1, keepdim=True).values + math.log(alpha)  # (B, 1)
+    weights = torch.tensor([1.0 + beta, -beta], device=logprobs.device)
+    total = _weighted_sum(logprobs, weights).masked_fill(expert < floor, NEG_INF)
+    return _renormalise(total, expert)
+
+
+def get_rule(name: str) -> RuleSpec:
+    from alloy.errors import InputError, did_you_mean
+
+    if name not in RULES:
+        raise InputError(f"unknown ensemble rule {name!r}; {did_you_mean(name, RULES, 'rules')}")
+    return RULES[name]
