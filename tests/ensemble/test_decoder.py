@@ -145,3 +145,21 @@ def test_dropout_member(lively: dict[str, Path]) -> None:
     assert [g.token_ids for g in plain.generate(PROMPTS, max_new_tokens=16)] != first
     with pytest.raises(InputError, match="no dropout"):
         Ensemble.from_models([lively["a"]], rule="linear", samples=4)
+
+
+def test_chat_template_member_prompt(lively: dict[str, Path]) -> None:
+    """A member with `template: chat` sees the prompt through its tokenizer's chat template (no
+    extra BOS: the template writes its own special tokens); a plain member gets BOS + prompt."""
+    recipe = {
+        "rule": "log_linear",
+        "members": [{"model": str(lively["a"]), "template": "chat"}, {"model": str(lively["b"])}],
+    }
+    ensemble = Ensemble.from_recipe(recipe)
+    chat, plain = ensemble.members
+    text = "<|user|>hi\n<|assistant|>"  # the tiny tokenizer's template, written out
+    assert chat.encode_prompt("hi") == chat.tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert plain.encode_prompt("hi") == [
+        1,
+        *plain.tokenizer("hi", add_special_tokens=False)["input_ids"],
+    ]
+    assert len(ensemble.generate(["hi"], max_new_tokens=3)[0].token_ids) <= 3

@@ -140,3 +140,12 @@ def test_rule_contract(name: str) -> None:
     assert out.exp().sum(-1).tolist() == pytest.approx([1.0] * 5, abs=1e-5)
     assert not torch.isnan(out).any() and math.isfinite(out.max().item())
     assert spec.reference and spec.summary
+
+
+def test_no_common_token_falls_back_to_the_first_member() -> None:
+    """Member filters that leave disjoint supports: the row takes the first member's (filtered)
+    distribution instead of becoming NaN."""
+    first = torch.tensor([[0.0, NEG_INF, NEG_INF]]).log_softmax(-1)
+    second = torch.tensor([[NEG_INF, 0.0, 0.0]]).log_softmax(-1)
+    out = log_linear(torch.stack([first, second]), weights=torch.tensor([0.5, 0.5]))
+    assert probs(out) == [1.0, 0.0, 0.0]

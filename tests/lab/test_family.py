@@ -164,6 +164,8 @@ def test_demo_merges_and_scores_every_model(tmp_path: Path) -> None:
         "merge:task_arithmetic",
         "merge:ties",
         "soup:greedy-fiction",
+        "large base",
+        "ensemble:proxy-fiction",
     ]
     for row in rows.values():
         assert set(row) == {*corpus.DOMAINS, "overall"}
@@ -173,7 +175,10 @@ def test_demo_merges_and_scores_every_model(tmp_path: Path) -> None:
         "soup.yaml",
         "task_arithmetic.yaml",
         "ties.yaml",
+        "proxy-fiction.yaml",
     }
+    assert [s["prompt"] for s in payload["proxy_samples"]] == ["It was a", "She said that"]
+    assert (out / "samples.jsonl").is_file()
     assert "| merge:ties |" in (out / "perplexity.md").read_text()
     # The output folder is never silently replaced.
     from alloy.errors import OutputExistsError

@@ -352,7 +352,7 @@ def test_sources_path_text_and_mapping(tmp_path: Path) -> None:
     assert load_recipe(parsed) == expected
     with pytest.raises(RecipeError, match="cannot read recipe"):
         load_recipe(tmp_path / "missing.yaml")
-    with pytest.raises(RecipeError, match="a recipe is a mapping"):
+    with pytest.raises(RecipeError, match="a recipe must be a mapping"):
         load_recipe("- just a list")
 
 

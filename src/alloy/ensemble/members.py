@@ -17,8 +17,8 @@ from typing import Any, Literal
 
 import torch
 
-from alloy.errors import CheckpointError, IncompatibleModelsError, Problem
-from alloy.eval.scorer import start_ids
+from alloy.errors import IncompatibleModelsError, Problem
+from alloy.eval.scorer import load_pretrained, start_ids
 
 PoolRule = Literal["linear", "log_linear"]
 
@@ -127,7 +127,9 @@ class Member:
     def step(self, state: DecodeState, tokens: torch.Tensor) -> torch.Tensor:
         """Feed one token per row (B,); return the next (B, V) log-probs. Updates `state`."""
         rows = tokens.shape[0]
-        ids = tokens.to(self.device).repeat(self.spec.samples)[:, None]  # (S*B, 1)
+        ids = tokens.to(self.device)[:, None]  # (B, 1)
+        if self.spec.samples > 1:
+            ids = ids.repeat(self.spec.samples, 1)  # (S*B, 1)
         state.mask = torch.cat([state.mask, state.mask.new_ones((state.mask.shape[0], 1))], dim=1)
         out = self.model(
             input_ids=ids,
@@ -178,25 +180,23 @@ def load_member(
     if loaded is not None and key in loaded:
         model, tokenizer = loaded[key]
         return Member(spec, model, tokenizer, where)
-    try:
-        config = AutoConfig.from_pretrained(folder)
-        if spec.dropout is not None:
-            _set_dropout(config, spec.dropout)
-        model = AutoModelForCausalLM.from_pretrained(
-            folder,
-            config=config,
-            dtype=getattr(torch, spec.dtype),
-            use_safetensors=not allow_pickle,
-        )
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-    except (OSError, ValueError, KeyError) as exc:
-        raise CheckpointError(
-            f"cannot load ensemble member {spec.label}",
-            [Problem(str(folder), str(exc).splitlines()[0], "is it a complete model folder?")],
-        ) from exc
+    what = f"ensemble member {spec.label}"
+    config = load_pretrained(folder, AutoConfig, what)
+    if spec.dropout is not None:
+        _set_dropout(config, spec.dropout)
+    dtype = getattr(torch, spec.dtype)
+    model = load_pretrained(
+        folder,
+        AutoModelForCausalLM,
+        what,
+        config=config,
+        dtype=dtype,
+        use_safetensors=not allow_pickle,
+    )
+    tokenizer = load_pretrained(folder, AutoTokenizer, what)
     # Dropout is active only in training mode; a dropout member is sampled with it on.
     model.train(spec.samples > 1)
-    model.to(where)  # type: ignore[arg-type]
+    model.to(where)
     if loaded is not None:
         loaded[key] = (model, tokenizer)
     return Member(spec, model, tokenizer, where)

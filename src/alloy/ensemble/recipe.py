@@ -30,7 +30,7 @@ from alloy.ensemble.filters import check_filters
 from alloy.ensemble.members import MemberSpec
 from alloy.ensemble.rules import RULES
 from alloy.errors import ProblemCollector, RecipeError, did_you_mean
-from alloy.io.yamlfile import read_yaml
+from alloy.io.yamlfile import read_recipe
 
 Number = float | int
 
@@ -128,22 +128,13 @@ def is_recipe_path(path: str | os.PathLike[str]) -> bool:
 def load_ensemble_recipe(
     source: str | os.PathLike[str] | Mapping[str, Any], *, check_paths: bool = True
 ) -> EnsembleRecipe:
-    """Read and check an ensemble recipe (a YAML path or an already parsed mapping);
+    """Read and check an ensemble recipe (a YAML path, YAML text or a parsed mapping);
     `check_paths=False` skips checking that each member folder exists.
 
     Raises:
         RecipeError: with every problem found, each with its YAML path.
     """
-    if isinstance(source, Mapping):
-        raw, origin = dict(source), "<mapping>"
-    else:
-        try:
-            text = Path(source).read_text(encoding="utf-8")
-        except (OSError, UnicodeError) as error:
-            raise RecipeError(f"cannot read ensemble recipe {source}: {error}") from error
-        raw, origin = read_yaml(text, str(source)), str(source)
-    if not isinstance(raw, dict):
-        raise RecipeError(f"{origin}: an ensemble recipe is a mapping (rule:, members:, ...)")
+    raw, origin = read_recipe(source, "ensemble recipe", "rule:, members:, ...")
     problems = ProblemCollector()
     recipe = _validate(raw, problems)
     if recipe is None:

@@ -64,21 +64,20 @@ def normalise(scores: torch.Tensor) -> torch.Tensor:
 def _weighted_sum(logprobs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """sum_k w_k * logprobs[k] (K, B, V) -> (B, V), with -inf wherever any member has -inf.
 
-    Without the mask a filtered-out token (-inf) times a negative weight would become +inf.
+    Without the mask a filtered-out token (-inf) times a negative weight would become +inf. The
+    clamp keeps the arithmetic finite (no inf - inf = NaN); those tokens are masked anyway.
     """
-    removed = torch.isinf(logprobs).any(dim=0)  # (B, V)
-    finite = logprobs.masked_fill(torch.isinf(logprobs), 0.0)
-    total = torch.einsum("k,kbv->bv", weights, finite)
+    removed = logprobs.amin(dim=0) == NEG_INF  # (B, V)
+    total = torch.einsum("k,kbv->bv", weights, logprobs.clamp(min=-1e30))
     return total.masked_fill(removed, NEG_INF)
 
 
 def _renormalise(scores: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
     """log_softmax of `scores` (B, V); a row where every token was removed takes `fallback`'s row
     (only possible when member filters leave no token in common)."""
-    empty = torch.isinf(scores).all(dim=-1, keepdim=True)  # (B, 1)
-    if bool(empty.any()):
-        scores = torch.where(empty, fallback, scores)
-    return torch.log_softmax(scores, dim=-1)
+    empty = scores.amax(dim=-1, keepdim=True) == NEG_INF  # (B, 1)
+    # torch.where instead of `if empty.any()`: no host synchronisation per decoding step.
+    return torch.log_softmax(torch.where(empty, fallback, scores), dim=-1)
 
 
 @_rule(

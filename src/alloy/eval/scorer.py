@@ -106,6 +106,18 @@ class ModelScorer:
         )
 
 
+def load_pretrained(folder: Path, loader: Any, what: str = "", **kwargs: Any) -> Any:
+    """`loader.from_pretrained(folder, **kwargs)`, its failures turned into a CheckpointError
+    naming the folder (`what` names the role, e.g. "ensemble member x")."""
+    try:
+        return loader.from_pretrained(folder, **kwargs)
+    except (OSError, ValueError, KeyError) as exc:
+        raise CheckpointError(
+            f"cannot load {what or folder}",
+            [Problem(str(folder), str(exc).splitlines()[0], "is it a complete model folder?")],
+        ) from exc
+
+
 def load_scorer(
     path: str | Path,
     *,
@@ -132,23 +144,17 @@ def load_scorer(
             f"cannot evaluate {folder}",
             [Problem(str(folder), "no config.json", "pass a Hugging Face model folder")],
         )
-    try:
-        config = AutoConfig.from_pretrained(folder)
-        architecture = str((getattr(config, "architectures", None) or [""])[0])
-        auto = (
-            AutoModelForSequenceClassification
-            if architecture.endswith("ForSequenceClassification")
-            else AutoModelForCausalLM
-        )
-        model = auto.from_pretrained(folder, dtype=dtype, use_safetensors=not allow_pickle)
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-    except (OSError, ValueError, KeyError) as exc:
-        raise CheckpointError(
-            f"cannot load {folder}",
-            [Problem(str(folder), str(exc).splitlines()[0], "is it a complete model folder?")],
-        ) from exc
+    config = load_pretrained(folder, AutoConfig)
+    architecture = str((getattr(config, "architectures", None) or [""])[0])
+    auto = (
+        AutoModelForSequenceClassification
+        if architecture.endswith("ForSequenceClassification")
+        else AutoModelForCausalLM
+    )
+    model = load_pretrained(folder, auto, dtype=dtype, use_safetensors=not allow_pickle)
+    tokenizer = load_pretrained(folder, AutoTokenizer)
     model.eval()
-    model.to(device)  # type: ignore[arg-type]  # transformers types .to() oddly
+    model.to(device)
     max_length = int(
         getattr(model.config, "max_position_embeddings", None)
         or getattr(model.config, "n_positions", None)

@@ -6,7 +6,10 @@ PyYAML's safe loader silently keeps the last of two equal keys and reads `1e-3` 
 
 from __future__ import annotations
 
+import os
 import re
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -43,3 +46,27 @@ def read_yaml(text: str, origin: str) -> Any:
         raise RecipeError(f"{at}: invalid YAML: {error.problem or error.context}") from error
     except yaml.YAMLError as error:
         raise RecipeError(f"{origin}: invalid YAML: {error}") from error
+
+
+def read_recipe(
+    source: str | os.PathLike[str] | Mapping[str, Any], what: str, keys: str
+) -> tuple[dict[str, Any], str]:
+    """The mapping of a recipe given as a parsed mapping, YAML text, or a YAML file, and where it
+    came from (for messages). A PathLike, or a one-line str ending in .yaml or .yml, is a path.
+
+    Raises:
+        RecipeError: unreadable file, invalid YAML, or not a mapping (`keys` shows an example).
+    """
+    if isinstance(source, Mapping):
+        raw, origin = dict(source), "<mapping>"
+    elif isinstance(source, str) and ("\n" in source or not source.endswith((".yaml", ".yml"))):
+        raw, origin = read_yaml(source, "<text>"), "<text>"
+    else:
+        try:
+            text = Path(source).read_text(encoding="utf-8")
+        except (OSError, UnicodeError) as error:
+            raise RecipeError(f"cannot read {what} {source}: {error}") from error
+        raw, origin = read_yaml(text, str(source)), str(source)
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{origin}: a {what} must be a mapping ({keys})")
+    return raw, origin

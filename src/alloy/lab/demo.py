@@ -3,9 +3,10 @@
 This is the README's first command. It shows the product's main loop on real text and real
 (small) models: four domain experts fine-tuned from one base are combined by three merge recipes
 (uniform soup, task arithmetic, TIES), the fine-tunes of one domain are combined by a greedy soup
-(selected on that domain's validation split), and the base, every expert, every merge and the
-soup are scored on every domain's test split. The table, the recipes, the raw JSON and a plot
-land in `out`.
+(selected on that domain's validation split), the large base is proxy-tuned at decode time by
+the small expert / base pair of that domain (an ensemble recipe), and the bases, every expert,
+every merge, the soup and the ensemble are scored on every domain's test split. The table, the
+recipes, the raw JSON, a plot and sampled continuations of the ensemble land in `out`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from alloy.ensemble import Ensemble
 from alloy.eval import EvalSettings, evaluate, load_eval_sets, load_scorer, markdown_table
 from alloy.lab.family import build_family
 from alloy.lab.presets import PRESETS, Preset
@@ -111,15 +113,35 @@ def run_demo(
         models[f"soup:greedy-{domain}"] = tmp / "soups" / f"greedy-{domain}"
         timings["soup_s"] = time.perf_counter() - t
 
+        # Proxy-tuning: the large base steered by what fine-tuning taught the small model on
+        # the soup domain, as an ensemble recipe scored beside the models.
+        proxy = {
+            "rule": "proxy_tuning",
+            "members": [
+                {"model": str(family / "large" / "base"), "role": "base"},
+                {"model": str(family / "small" / "experts" / domain), "role": "expert"},
+                {"model": str(family / "small" / "base"), "role": "anti_expert"},
+            ],
+            "sampling": {"max_new_tokens": 40, "do_sample": True, "top_p": 0.9, "seed": seed},
+        }
+        recipe_text = yaml.safe_dump(proxy, sort_keys=False)
+        (tmp / "recipes" / f"proxy-{domain}.yaml").write_text(recipe_text)
+        models["large base"] = family / "large" / "base"
+        scorers: dict[str, Any] = {f"ensemble:proxy-{domain}": Ensemble.from_recipe(proxy)}
+
         t = time.perf_counter()
         sets = load_eval_sets([corpus / d / "test.jsonl" for d in domains])
         results = {}
-        for name, path in models.items():
+        for name in [*models, *scorers]:
             say(f"scoring {name}")
-            scores = evaluate(load_scorer(path, name=name), sets, eval_settings)
+            scorer = scorers[name] if name in scorers else load_scorer(models[name], name=name)
+            scores = evaluate(scorer, sets, eval_settings)
             # Columns named by domain: "drama" rather than "drama/validation".
             results[name] = {key.split("/")[0]: value for key, value in scores.items()}
         timings["eval_s"] = time.perf_counter() - t
+        prompts = ["It was a", "She said that"]
+        samples = [g.as_dict() for g in scorers[f"ensemble:proxy-{domain}"].generate(prompts)]
+        (tmp / "samples.jsonl").write_text("".join(json.dumps(g) + "\n" for g in samples))
         timings["total_s"] = time.perf_counter() - t0
 
         table = markdown_table(results)
@@ -135,6 +157,7 @@ def run_demo(
             "timings": timings,
             "family": {k: v.get("final_loss") for k, v in record["models"].items()},
             "greedy_soup": [p.name for p in soup.chosen_paths],
+            "proxy_samples": samples,
             "results": results,
         }
         (tmp / "results.json").write_text(json.dumps(payload, indent=2) + "\n")

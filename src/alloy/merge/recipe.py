@@ -20,7 +20,6 @@ from __future__ import annotations
 import copy
 import os
 from collections.abc import Iterator, Mapping
-from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, NamedTuple
 
 import yaml
@@ -28,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic_core import ErrorDetails
 
 from alloy.errors import ProblemCollector, RecipeError, did_you_mean
-from alloy.io.yamlfile import read_yaml
+from alloy.io.yamlfile import read_recipe
 from alloy.merge.registry import MethodSpec, Param, all_methods, get_method
 
 Scalar = bool | int | float | str
@@ -176,18 +175,7 @@ def load_recipe(source: str | os.PathLike[str] | Mapping[str, Any]) -> Recipe:
     Raises:
         RecipeError: with every problem found, each with its YAML path.
     """
-    if isinstance(source, Mapping):
-        raw, origin = dict(source), "<mapping>"
-    elif isinstance(source, str) and ("\n" in source or not source.endswith((".yaml", ".yml"))):
-        raw, origin = read_yaml(source, "<text>"), "<text>"
-    else:
-        try:
-            text = Path(source).read_text(encoding="utf-8")
-        except (OSError, UnicodeError) as error:
-            raise RecipeError(f"cannot read recipe {source}: {error}") from error
-        raw, origin = read_yaml(text, str(source)), str(source)
-    if not isinstance(raw, dict):
-        raise RecipeError(f"{origin}: a recipe is a mapping (merge_method:, models:, ...)")
+    raw, origin = read_recipe(source, "recipe", "merge_method:, models:, ...")
     problems = ProblemCollector()
     recipe = _parse_schema(raw, problems)
     for issue in _issues(recipe) if recipe is not None else []:
