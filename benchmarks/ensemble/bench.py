@@ -95,9 +95,10 @@ def left_pad(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, mask
 
 
-@torch.inference_mode()
-def member_loop(member: Any, rows: list[str], new: int) -> float:
-    """Seconds per decoded token of one member's own cached greedy loop (prefill excluded)."""
+# The floor is written with transformers calls only, independently of alloy's members, so that
+# it measures what a bare loop costs rather than alloy's own code.
+def bare_prefill(member: Any, rows: list[str]) -> tuple[torch.Tensor, list[Any]]:
+    """Prefill one member's bare loop: (its argmax token (B,), state [cache, mask, position])."""
     from transformers import DynamicCache
 
     ids, mask = left_pad([member.encode_prompt(p) for p in rows])
@@ -111,22 +112,33 @@ def member_loop(member: Any, rows: list[str], new: int) -> float:
         use_cache=True,
         logits_to_keep=1,
     )
-    token = out.logits[:, -1].argmax(-1)
-    position = position[:, -1:] + 1
+    return out.logits[:, -1].argmax(-1), [cache, mask, position[:, -1:] + 1]
+
+
+def bare_step(member: Any, state: list[Any], token: torch.Tensor) -> torch.Tensor:
+    """Feed one token per row to a bare loop; return its argmax (B,). Updates `state`."""
+    cache, mask, position = state
+    mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
+    out = member.model(
+        input_ids=token[:, None],
+        attention_mask=mask,
+        position_ids=position,
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    state[1], state[2] = mask, position + 1
+    return out.logits[:, -1].argmax(-1)
+
+
+@torch.inference_mode()
+def member_loop(member: Any, rows: list[str], new: int) -> float:
+    """Seconds per decoded token of one member's own cached greedy loop (prefill excluded)."""
+    token, state = bare_prefill(member, rows)
     stamps = [time.perf_counter()]
     for _ in range(new - 1):
-        mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
-        out = member.model(
-            input_ids=token[:, None],
-            attention_mask=mask,
-            position_ids=position,
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        token = out.logits[:, -1].argmax(-1)
+        token = bare_step(member, state, token)
         token.tolist()
-        position = position + 1
         stamps.append(time.perf_counter())
     return step_time(stamps)
 
@@ -157,41 +169,12 @@ def interleaved_loop(ensemble: Ensemble, rows: list[str], new: int) -> float:
     needs every member before the next token), with no combination: the member-0 argmax is fed
     to all. The difference from `floor` is the cost of switching models every step (their
     weights no longer stay in the CPU caches between steps)."""
-    from transformers import DynamicCache
-
-    states = []
-    for member in ensemble.members:
-        ids, mask = left_pad([member.encode_prompt(p) for p in rows])
-        position = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache(config=member.model.config)
-        out = member.model(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=position,
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        states.append([cache, mask, position[:, -1:] + 1])
-        if len(states) == 1:
-            token = out.logits[:, -1].argmax(-1)
+    prefilled = [bare_prefill(member, rows) for member in ensemble.members]
+    token, states = prefilled[0][0], [state for _, state in prefilled]
     stamps = [time.perf_counter()]
     for _ in range(new - 1):
-        for i, (member, state) in enumerate(zip(ensemble.members, states, strict=True)):
-            cache, mask, position = state
-            mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
-            out = member.model(
-                input_ids=token[:, None],
-                attention_mask=mask,
-                position_ids=position,
-                past_key_values=cache,
-                use_cache=True,
-                logits_to_keep=1,
-            )
-            state[1], state[2] = mask, position + 1
-            if i == 0:
-                picked = out.logits[:, -1].argmax(-1)
-        token = picked
+        picked = [bare_step(m, s, token) for m, s in zip(ensemble.members, states, strict=True)]
+        token = picked[0]
         token.tolist()
         stamps.append(time.perf_counter())
     return step_time(stamps)
