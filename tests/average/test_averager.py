@@ -3,6 +3,7 @@ tied weights, LaWA, hand-derived goldens, buffers, placement and errors."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -198,6 +199,52 @@ def test_staging_in_chunks_is_exact(monkeypatch: pytest.MonkeyPatch) -> None:
             _step(model, generator)
             ours.update(model)
         assert ours._stager._scratch[torch.device("cpu")].numel() <= budget
+        results.append([s.clone() for s in ours._shadow])
+    assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))
+
+
+@pytest.mark.parametrize("method", ["ema", "swa"])
+def test_compiled_cast_and_lerp_equals_staging(method: str) -> None:
+    """compile=True (torch.compile fusing the bf16 -> fp32 cast into the lerp) gives the staged
+    result to fp32 rounding; if this machine cannot compile, the warning and fallback path run
+    and the result is exactly the staged one."""
+    results = []
+    for compiled in (False, True):
+        model = tiny_model("mistral", seed=8)
+        ours = WeightAverager(model, method=method, compile=compiled)  # type: ignore[arg-type]
+        generator = torch.Generator().manual_seed(9)
+        for _ in range(4):
+            _step(model, generator)
+            ours.update(model)
+        if compiled and shutil.which("c++"):  # inductor compiles C++ on CPU
+            assert ours._stager.compiled
+        results.append([s.clone() for s in ours._shadow])
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_compile_failure_falls_back_to_staging() -> None:
+    """A compiler error on the first update warns once, writes nothing, and staging does the
+    update: the result equals the plain staged average exactly."""
+    results = []
+    for broken in (False, True):
+        model = tiny_model("mistral", seed=8)
+        ours = WeightAverager(model, method="ema", decay=0.9)
+        if broken:
+
+            def fail(*args: object) -> None:
+                raise RuntimeError("no C++ compiler")
+
+            ours._stager._compiled = fail
+        generator = torch.Generator().manual_seed(9)
+        for step in range(3):
+            _step(model, generator)
+            if broken and step == 1:
+                with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler"):
+                    ours.update(model)
+            else:
+                ours.update(model)
+        assert not ours._stager.compiled
         results.append([s.clone() for s in ours._shadow])
     assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))
 

@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +78,10 @@ class WeightAverager:
         average_buffers: also average persistent floating buffers (see the module docstring).
         trainable_only: average only parameters with requires_grad; frozen ones are read from
             the model (an adapter run then holds no average of the frozen base).
+        compile: EMA/SWA of a bf16/fp16 model: fuse the cast into the lerp with torch.compile
+            (one pass over the weights instead of cast-then-lerp through a staging buffer;
+            compiles once, some seconds, on the first update; falls back to staging with a
+            warning if compiling fails).
 
     See alloy.average.rules for the exact formulas.
 
@@ -100,6 +103,7 @@ class WeightAverager:
         offload: bool = False,
         average_buffers: bool = False,
         trainable_only: bool = False,
+        compile: bool = False,
     ) -> None:
         options = AveragingOptions.check(
             method,
@@ -112,6 +116,7 @@ class WeightAverager:
             offload=offload,
             average_buffers=average_buffers,
             trainable_only=trainable_only,
+            compile=compile,
         )
         self.options = options
         self.step = 0  # optimizer steps seen
@@ -157,7 +162,7 @@ class WeightAverager:
                 self._shadow = [
                     make(t.shape, dtype=torch.float32, device=place(t)) for t in tensors
                 ]
-        self._stager = Stager()
+        self._stager = Stager(compile=options.compile)
 
     # ---- updating -------------------------------------------------------------------------
 
@@ -182,11 +187,10 @@ class WeightAverager:
         elif self.count == 0 and not options.bias_correction:
             copy_(self._shadow, current)  # s_1 = x_1 for SWA and copy-init EMA
         elif options.method == "swa":
-            rule = partial(rules.swa_update_, count=self.count)
-            self._stager.apply(rule, self._shadow, current)
+            self._stager.lerp_(self._shadow, current, rules.swa_weight(self.count))
         else:
             decay = rules.ema_decay(self.count, decay=options.decay, warmup=options.warmup)
-            self._stager.apply(partial(rules.ema_update_, decay=decay), self._shadow, current)
+            self._stager.lerp_(self._shadow, current, rules.ema_weight(decay))
             self._product *= decay
         self.count += 1
         return True

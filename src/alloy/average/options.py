@@ -35,6 +35,7 @@ class AveragingOptions:
     offload: bool = False
     average_buffers: bool = False
     trainable_only: bool = False
+    compile: bool = False  # fuse the cast of low-precision weights into the lerp (torch.compile)
 
     @classmethod
     def check(cls, method: str, *, where: str = "", **given: Any) -> AveragingOptions:

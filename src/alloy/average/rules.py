@@ -57,14 +57,33 @@ def ema_decay(t: int, *, decay: float, warmup: bool = False) -> float:
     return min(decay, (1 + t) / (10 + t)) if warmup else decay
 
 
+def ema_weight(decay: float) -> float:
+    """The lerp weight of one EMA update: s <- lerp(s, x, 1 - decay)."""
+    return 1.0 - decay
+
+
+def swa_weight(count: int) -> float:
+    """The lerp weight that folds one more model into a mean of `count` models."""
+    return 1.0 / (count + 1)
+
+
 def ema_update_(average: Tensors, current: Tensors, *, decay: float) -> None:
     """s <- decay * s + (1 - decay) * x, in place, as one fused lerp over all tensors."""
-    torch._foreach_lerp_(average, current, 1.0 - decay)
+    torch._foreach_lerp_(average, current, ema_weight(decay))
 
 
 def swa_update_(average: Tensors, current: Tensors, *, count: int) -> None:
     """s <- s + (x - s) / (count + 1): fold one more model into a mean of `count` models."""
-    torch._foreach_lerp_(average, current, 1.0 / (count + 1))
+    torch._foreach_lerp_(average, current, swa_weight(count))
+
+
+def lerp_cast_(average: Tensors, current: Tensors, weight: torch.Tensor) -> None:
+    """s <- lerp(s, float(x), weight) per tensor: the update of a low-precision model into an
+    fp32 average, written for `torch.compile`, which fuses the cast into the lerp (one pass that
+    reads x and s and writes s; eager torch has no such op). `weight` is a 0-d tensor so that a
+    new weight each step does not recompile."""
+    for s, x in zip(average, current, strict=True):
+        s.lerp_(x.float(), weight)
 
 
 def lawa_mean(snapshots: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -14,7 +14,9 @@ slicing ~200 pieces anew costs about 10% of a bf16 update on CPU.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterator
+from functools import partial
 
 import torch
 
@@ -29,6 +31,10 @@ STAGING_ELEMENTS = {"cpu": 1 << 18}
 STAGING_ELEMENTS_DEFAULT = 1 << 24
 
 
+def _lerp_(average: Tensors, current: Tensors, *, weight: float) -> None:
+    torch._foreach_lerp_(average, current, weight)
+
+
 def copy_(targets: Tensors, sources: Tensors) -> None:
     """targets[i] <- sources[i] (cast to the target's dtype), fused when on one device."""
     if all(t.device == s.device for t, s in zip(targets, sources, strict=True)):
@@ -39,11 +45,55 @@ def copy_(targets: Tensors, sources: Tensors) -> None:
 
 
 class Stager:
-    """Holds the staging buffers and chunk plans of one average (one buffer per device)."""
+    """Holds the staging buffers and chunk plans of one average (one buffer per device).
 
-    def __init__(self) -> None:
+    With `compile=True`, tensors of another dtype on the average's own device skip the staging
+    buffer: a `torch.compile`d loop casts and lerps them in one pass. If compiling fails (no
+    compiler on the machine, say) a warning is given and staging is used from then on.
+    """
+
+    def __init__(self, *, compile: bool = False) -> None:
         self._scratch: dict[torch.device, torch.Tensor] = {}
         self._plans: dict[torch.device, tuple[tuple[tuple[int, int], ...], list[_Chunk]]] = {}
+        self._compiled: Callable[..., None] | None = None
+        if compile:
+            from alloy.average.rules import lerp_cast_
+
+            self._compiled = torch.compile(lerp_cast_, fullgraph=True, dynamic=False)
+
+    @property
+    def compiled(self) -> bool:
+        """Whether the compiled cast-and-lerp path is in use."""
+        return self._compiled is not None
+
+    @torch.no_grad()
+    def lerp_(self, averages: Tensors, current: Tensors, weight: float) -> None:
+        """averages <- lerp(averages, current, weight), `current` cast as in `apply`."""
+        if self._compiled is not None:
+            near = [
+                i
+                for i, (a, t) in enumerate(zip(averages, current, strict=True))
+                if a.device == t.device and a.dtype != t.dtype
+            ]
+            if near:
+                try:
+                    w = torch.tensor(weight, dtype=torch.float32, device=averages[near[0]].device)
+                    self._compiled([averages[i] for i in near], [current[i] for i in near], w)
+                except Exception as error:  # compiling failed before any tensor was written
+                    warnings.warn(
+                        f"torch.compile of the fused cast-and-lerp failed ({type(error).__name__}:"
+                        f" {str(error).splitlines()[0] if str(error) else ''}); using the "
+                        "staging buffer instead",
+                        RuntimeWarning,
+                        stacklevel=3,
+                    )
+                    self._compiled = None
+                else:
+                    done = set(near)
+                    averages = [a for i, a in enumerate(averages) if i not in done]
+                    current = [t for i, t in enumerate(current) if i not in done]
+        if averages:
+            self.apply(partial(_lerp_, weight=weight), averages, current)
 
     @property
     def nbytes(self) -> int:
