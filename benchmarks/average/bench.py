@@ -77,7 +77,11 @@ def module_bytes(module: torch.nn.Module) -> int:
 def bench_dtype(model: LlamaForCausalLM, dtype: torch.dtype, runs: int) -> dict[str, Any]:
     model = model.to(dtype)
     params = sum(p.numel() for p in model.parameters())
-    ours = WeightAverager(model, method="ema", decay=DECAY)
+    ours = WeightAverager(model, method="ema", decay=DECAY)  # default: compile=None (auto)
+    start = time.perf_counter()
+    ours.update(model)
+    ours.update(model)  # the first update copies; the second compiles where auto turns it on
+    compile_seconds = time.perf_counter() - start
     plain = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(DECAY), use_buffers=False)
     buffers = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(DECAY), use_buffers=True)
     contenders = {
@@ -86,7 +90,6 @@ def bench_dtype(model: LlamaForCausalLM, dtype: torch.dtype, runs: int) -> dict[
         "AveragedModel+buffers": lambda: buffers.update_parameters(model),
     }
     shadow = None
-    compile_seconds = 0.0
     if dtype != torch.float32:
         # The only way AveragedModel keeps an fp32 average of a low-precision model: an fp32
         # copy updated per tensor through `avg_fn` (its fused multi-tensor path refuses mixed
@@ -94,19 +97,16 @@ def bench_dtype(model: LlamaForCausalLM, dtype: torch.dtype, runs: int) -> dict[
         shadow = AveragedModel(model, avg_fn=get_ema_avg_fn(DECAY), use_buffers=False)
         shadow.module.float()
         contenders["AveragedModel fp32 average"] = lambda: shadow.update_parameters(model)
-        # The opt-in fused path: torch.compile casts bf16 -> fp32 inside the lerp (one pass).
-        compiled = WeightAverager(model, method="ema", decay=DECAY, compile=True)
-        start = time.perf_counter()
-        compiled.update(model)
-        compiled.update(model)  # the first update copies; the second compiles
-        compile_seconds = time.perf_counter() - start
-        contenders["alloy compile=True"] = lambda: compiled.update(model)
+        # The eager path: cast through the staging buffer, then a fused lerp.
+        staged = WeightAverager(model, method="ema", decay=DECAY, compile=False)
+        contenders["alloy compile=False"] = lambda: staged.update(model)
     seconds = time_updates(contenders, runs)
     medians = {name: statistics.median(values) for name, values in seconds.items()}
     return {
         "dtype": str(dtype).removeprefix("torch."),
         "params": params,
-        "compile_seconds": compile_seconds if dtype != torch.float32 else None,
+        "compiled": ours._stager.compiled,
+        "first_updates_seconds": compile_seconds,
         "ms": {name: 1e3 * value for name, value in medians.items()},
         "runs_ms": {name: [1e3 * v for v in values] for name, values in seconds.items()},
         "bytes": {
@@ -123,12 +123,12 @@ def bench_dtype(model: LlamaForCausalLM, dtype: torch.dtype, runs: int) -> dict[
     }
 
 
-def compiled_cells(ms: dict[str, float]) -> str:
-    """The compile=True columns: time and speed against AveragedModel's fused path."""
-    if "alloy compile=True" not in ms:
+def staged_cells(ms: dict[str, float]) -> str:
+    """The compile=False columns: the eager staging path and its speed against AveragedModel."""
+    if "alloy compile=False" not in ms:
         return "(same path as alloy) | -"
-    compiled = ms["alloy compile=True"]
-    return f"{compiled:.1f} | {ms['AveragedModel'] / compiled:.2f}x"
+    staged = ms["alloy compile=False"]
+    return f"{staged:.1f} | {ms['AveragedModel'] / staged:.2f}x"
 
 
 def write_markdown(path: Path, meta: dict[str, Any], rows: list[dict[str, Any]]) -> None:
@@ -147,7 +147,7 @@ def write_markdown(path: Path, meta: dict[str, Any], rows: list[dict[str, Any]])
         "| model dtype | params | alloy ms | AveragedModel ms | AveragedModel+buffers ms "
         "| AveragedModel with an fp32 average ms "
         "| speed vs AveragedModel | speed vs AveragedModel with an fp32 average "
-        "| alloy compile=True ms | compile=True vs AveragedModel "
+        "| alloy compile=False ms | compile=False vs AveragedModel "
         "| average dtype (alloy / AveragedModel) "
         "| average MiB (alloy / AveragedModel) | min. traffic MB (alloy / AveragedModel) "
         "| GB/s (alloy / AveragedModel) |",
@@ -167,7 +167,7 @@ def write_markdown(path: Path, meta: dict[str, Any], rows: list[dict[str, Any]])
             f"| {row['dtype']} | {row['params'] / 1e6:.1f}M | {ms['alloy']:.1f} "
             f"| {ms['AveragedModel']:.1f} | {ms['AveragedModel+buffers']:.1f} "
             f"| {same_job[0]} | {ms['AveragedModel'] / ms['alloy']:.2f}x | {same_job[1]} "
-            f"| {compiled_cells(ms)} "
+            f"| {staged_cells(ms)} "
             f"| float32 / {row['dtype']} "
             f"| {mib['alloy']:.0f} / {mib['AveragedModel']:.0f} "
             f"| {mb['alloy']:.0f} / {mb['AveragedModel']:.0f} "
@@ -177,26 +177,23 @@ def write_markdown(path: Path, meta: dict[str, Any], rows: list[dict[str, Any]])
     if "bfloat16" in by_dtype:
         low = by_dtype["bfloat16"]
         traffic = low["traffic"]["alloy"] / low["traffic"]["AveragedModel"]
-        slower = low["ms"]["alloy"] / low["ms"]["AveragedModel"]
-        bandwidth = {k: low["traffic"][k] / 1e6 / low["ms"][k] for k in low["traffic"]}
+        speedup = low["ms"]["AveragedModel"] / low["ms"]["alloy"]
         lines += [
             "",
             "Reading the table: on an fp32 model both tools run the same fused lerp over the same "
             "bytes; alloy skips AveragedModel's per-update bookkeeping (a tensor counter read on "
             "the host, per-call regrouping of tensors). On a bf16 model alloy keeps the average "
             "in fp32: it must read the bf16 weights and read and write a 4-byte average "
-            f"({traffic:.2f}x AveragedModel's bytes, which reads and writes a bf16 copy). It "
-            f"takes {slower:.2f}x the time, moving {bandwidth['alloy']:.0f} GB/s against "
-            f"AveragedModel's {bandwidth['AveragedModel']:.0f} GB/s: the extra time is mostly the "
-            "extra bytes and the separate cast pass (eager torch has no op fusing the cast into "
-            "the lerp). With `compile=True`, torch.compile fuses them (compiled once, "
-            f"{low['compile_seconds']:.0f} s on the first update): "
-            f"{low['ms']['alloy compile=True']:.1f} ms, "
-            f"{low['ms']['AveragedModel'] / low['ms']['alloy compile=True']:.2f}x the speed of "
-            "AveragedModel's fused bf16 path while keeping the fp32 average. "
-            "AveragedModel's bf16 average is "
-            "cheaper because it does not work: at decay 0.999 most of its weights never move "
-            "(see docs/average.md). "
+            f"({traffic:.2f}x AveragedModel's bytes, which reads and writes a bf16 copy). By "
+            "default (`compile=None`, on for models with at least 10M low-precision parameters "
+            "and a compiler) torch.compile fuses the cast into the lerp, one pass over those "
+            f"bytes: {speedup:.2f}x the speed of AveragedModel's fused bf16 path "
+            f"({low['first_updates_seconds']:.0f} s for the first two updates, which compile). "
+            "The eager path (`compile=False`: cast through a staging buffer, then lerp) takes "
+            f"{low['ms']['alloy compile=False'] / low['ms']['AveragedModel']:.2f}x "
+            "AveragedModel's time. "
+            "AveragedModel's bf16 average moves fewer bytes but does not work: at decay 0.999 "
+            "most of its weights never move (see docs/average.md). "
             "Doing the same job as alloy, an fp32 average of the bf16 model, AveragedModel has "
             "to fall back to its per-tensor `avg_fn` path (its fused path refuses mixed dtypes): "
             f"{low['ms']['AveragedModel fp32 average']:.1f} ms, "

@@ -223,6 +223,23 @@ def test_compiled_cast_and_lerp_equals_staging(method: str) -> None:
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
+def test_compile_default_depends_on_model_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    """compile=None: staging for small models (the tests' tiny ones), the fused compiled path
+    once the low-precision parameters reach AUTO_COMPILE_ELEMENTS (and a compiler exists);
+    never for fp32 models, LaWA or an offloaded average."""
+    from alloy.average import averager as averager_module
+
+    model = tiny_model("mistral", seed=8)  # bf16
+    assert not WeightAverager(model, method="ema")._stager.compiled
+    monkeypatch.setattr(averager_module, "AUTO_COMPILE_ELEMENTS", 1)
+    has_compiler = shutil.which("c++") is not None or shutil.which("g++") is not None
+    assert WeightAverager(model, method="ema")._stager.compiled == has_compiler
+    assert not WeightAverager(model, method="ema", offload=True)._stager.compiled
+    assert not WeightAverager(model, method="lawa")._stager.compiled
+    assert not WeightAverager(model.float(), method="ema")._stager.compiled
+    assert not WeightAverager(model, method="ema", compile=False)._stager.compiled
+
+
 def test_compile_failure_falls_back_to_staging() -> None:
     """A compiler error on the first update warns once, writes nothing, and staging does the
     update: the result equals the plain staged average exactly."""

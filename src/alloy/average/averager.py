@@ -41,7 +41,9 @@ current model rather than averaged.
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -81,7 +83,10 @@ class WeightAverager:
         compile: EMA/SWA of a bf16/fp16 model: fuse the cast into the lerp with torch.compile
             (one pass over the weights instead of cast-then-lerp through a staging buffer;
             compiles once, some seconds, on the first update; falls back to staging with a
-            warning if compiling fails).
+            warning if compiling fails). Default None: on when at least
+            `AUTO_COMPILE_ELEMENTS` low-precision parameters sit on the average's device and
+            a compiler is there (a C++ compiler on CPU, triton on CUDA); off for smaller
+            models, where staging costs little and compiling would dominate.
 
     See alloy.average.rules for the exact formulas.
 
@@ -103,7 +108,7 @@ class WeightAverager:
         offload: bool = False,
         average_buffers: bool = False,
         trainable_only: bool = False,
-        compile: bool = False,
+        compile: bool | None = None,
     ) -> None:
         options = AveragingOptions.check(
             method,
@@ -162,7 +167,7 @@ class WeightAverager:
                 self._shadow = [
                     make(t.shape, dtype=torch.float32, device=place(t)) for t in tensors
                 ]
-        self._stager = Stager(compile=options.compile)
+        self._stager = Stager(compile=_compile_wanted(options, tensors))
 
     # ---- updating -------------------------------------------------------------------------
 
@@ -340,6 +345,27 @@ class WeightAverager:
             f"every={o.every}, tensors={len(self._shapes)}, averaged={self.count}, "
             f"step={self.step})"
         )
+
+
+# Low-precision parameters from which compile=None turns the fused cast-and-lerp on: below
+# this the staged update takes a few milliseconds, less than compiling would cost in a run.
+AUTO_COMPILE_ELEMENTS = 10_000_000
+
+
+def _compile_wanted(options: AveragingOptions, tensors: Tensors) -> bool:
+    if options.compile is not None:
+        return options.compile
+    if options.method == "lawa" or options.offload:
+        return False
+    low = sum(t.numel() for t in tensors if t.dtype != torch.float32)
+    if low < AUTO_COMPILE_ELEMENTS:
+        return False
+    device = tensors[0].device
+    if device.type == "cpu":
+        return shutil.which("c++") is not None or shutil.which("g++") is not None
+    if device.type == "cuda":
+        return importlib.util.find_spec("triton") is not None
+    return False
 
 
 def _persistent_buffers(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:

@@ -35,7 +35,9 @@ class AveragingOptions:
     offload: bool = False
     average_buffers: bool = False
     trainable_only: bool = False
-    compile: bool = False  # fuse the cast of low-precision weights into the lerp (torch.compile)
+    # Fuse the cast of low-precision weights into the lerp (torch.compile); None: decide from
+    # the model (see WeightAverager).
+    compile: bool | None = None
 
     @classmethod
     def check(cls, method: str, *, where: str = "", **given: Any) -> AveragingOptions:
