@@ -155,3 +155,63 @@ def test_callback_accepts_a_prebuilt_averager_and_several_of_one_method() -> Non
     callback.on_step_end(args, state, None, model=model)
     assert callback.averagers["ema-slow"] is built and built.count == 1
     assert callback.averagers["ema-fast"].count == 1
+
+
+def _trainer(out: Path, callback: AveragingCallback, steps: int) -> Trainer:
+    args = TrainingArguments(
+        output_dir=str(out),
+        max_steps=steps,
+        per_device_train_batch_size=2,
+        learning_rate=5e-3,
+        save_strategy="steps",
+        save_steps=1,
+        logging_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        seed=0,
+    )
+    return Trainer(
+        model=tiny_model("llama", seed=2).train(),
+        args=args,
+        train_dataset=_data(),
+        processing_class=tiny_tokenizer(),
+        callbacks=[callback],
+    )
+
+
+def test_resumed_run_continues_its_averages(tmp_path: Path) -> None:
+    """Train 4 steps straight; then resume a copy of the run from checkpoint-2: every average
+    (EMA fp32 shadow, SWA count, LaWA window) ends where the uninterrupted run's did."""
+    import shutil
+
+    specs = {"ema": {"decay": 0.5}, "swa": {}, "lawa": {"k": 2}}
+    straight = AveragingCallback(specs, save_final=False)
+    _trainer(tmp_path / "a", straight, 4).train()
+    shutil.copytree(tmp_path / "a" / "checkpoint-2", tmp_path / "b" / "checkpoint-2")
+    saved = tmp_path / "b" / "checkpoint-2" / "averaged-ema" / "averager-state.safetensors"
+    assert saved.is_file()
+    resumed = AveragingCallback(specs, save_final=False)
+    trainer = _trainer(tmp_path / "b", resumed, 4)
+    trainer.train(resume_from_checkpoint=str(tmp_path / "b" / "checkpoint-2"))
+    for name in specs:
+        a, b = straight.averagers[name], resumed.averagers[name]
+        assert (a.count, a.step) == (b.count, b.step) == (4, 4)
+        _close(a.averaged_state_dict(), b.averaged_state_dict(), atol=1e-6)
+
+
+def test_state_of_another_averager_is_refused(tmp_path: Path) -> None:
+    from alloy.errors import CheckpointError
+
+    model = tiny_model("llama", seed=2)
+    ema = WeightAverager(model, method="ema", decay=0.9)
+    ema.update(model)
+    ema.save_state(tmp_path)
+    with pytest.raises(CheckpointError, match=r"decay: saved 0\.9, now 0\.5"):
+        WeightAverager(model, method="ema", decay=0.5).load_state(tmp_path)
+    with pytest.raises(CheckpointError, match="method: saved ema, now swa"):
+        WeightAverager(model, method="swa").load_state(tmp_path)
+    again = WeightAverager(model, method="ema", decay=0.9)
+    again.load_state(tmp_path)
+    assert again.count == 1 and torch.equal(again._shadow[0], ema._shadow[0])

@@ -325,6 +325,20 @@ class WeightAverager:
                 tokenizer.save_pretrained(tmp)
         return Path(out)
 
+    def save_state(self, folder: str | os.PathLike[str]) -> Path:
+        """Write the exact state (fp32 shadow or LaWA snapshots, counters) to
+        `folder/averager-state.safetensors`, for resuming (see alloy.average.state)."""
+        from alloy.average.state import save_state
+
+        return save_state(self, folder)
+
+    @torch.no_grad()
+    def load_state(self, folder: str | os.PathLike[str]) -> None:
+        """Continue from a state `save_state` wrote (same method, options and model)."""
+        from alloy.average.state import load_state
+
+        load_state(self, folder)
+
     # ---- accounting -----------------------------------------------------------------------
 
     @property

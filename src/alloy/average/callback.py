@@ -30,10 +30,14 @@ In a plain PyTorch loop use `WeightAverager` directly:
         averager.update(model)
     averager.save_pretrained(model, "out/averaged-ema", tokenizer=tokenizer)
 
+Resuming: each `checkpoint-<step>/averaged-<name>/` also holds `averager-state.safetensors`,
+the exact state (fp32 shadow or LaWA snapshots, counters). A run resumed from
+`<output_dir>/checkpoint-<step>` reloads it and continues every average as if never stopped;
+without it (or with other options) the average restarts at the resume step, with a warning.
+
 Limits: with DDP every rank keeps its own average of the same weights and only the main process
 writes. FSDP and DeepSpeed ZeRO-3 shard the parameters, which the averager would see as
-shards: not supported. Averages are not part of Trainer's resumable state: a run resumed from a
-checkpoint starts new averages at the resume step (a warning says so).
+shards: not supported.
 """
 
 from __future__ import annotations
@@ -48,7 +52,7 @@ from transformers import TrainerCallback
 
 from alloy.average.averager import WeightAverager
 from alloy.average.options import METHODS, AveragingOptions
-from alloy.errors import InputError, Problem
+from alloy.errors import CheckpointError, InputError, Problem
 
 log = logging.getLogger(__name__)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -96,12 +100,23 @@ class AveragingCallback(TrainerCallback):
         for name, spec in self.specs.items():
             if name not in self.averagers and isinstance(spec, Mapping):
                 self.averagers[name] = WeightAverager(model, **spec)
-        if state.global_step > 0:
-            log.warning(
-                "AveragingCallback: training resumes at step %d; weight averages restart there "
-                "(they are not part of the checkpoint's resumable state)",
-                state.global_step,
-            )
+        if state.global_step == 0:
+            return
+        checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        for name, averager in self.averagers.items():
+            folder = checkpoint / f"averaged-{name}"
+            try:
+                averager.load_state(folder)
+            except CheckpointError as error:
+                log.warning(
+                    "AveragingCallback: training resumes at step %d but average %r cannot "
+                    "continue (%s); it restarts there",
+                    state.global_step,
+                    name,
+                    str(error).replace("\n", " "),
+                )
+            else:
+                log.info("AveragingCallback: %s continues from %s", name, folder)
 
     def on_step_end(
         self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any
@@ -114,7 +129,7 @@ class AveragingCallback(TrainerCallback):
     ) -> None:
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if self.save_checkpoints and state.is_world_process_zero and folder.is_dir():
-            self._save(model, folder, kwargs.get("processing_class"))
+            self._save(model, folder, kwargs.get("processing_class"), with_state=True)
 
     def on_train_end(
         self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any
@@ -122,15 +137,19 @@ class AveragingCallback(TrainerCallback):
         if self.save_final and state.is_world_process_zero:
             self._save(model, Path(args.output_dir), kwargs.get("processing_class"))
 
-    def _save(self, model: Any, folder: Path, processing_class: Any) -> None:
+    def _save(
+        self, model: Any, folder: Path, processing_class: Any, *, with_state: bool = False
+    ) -> None:
         tokenizer = self.tokenizer if self.tokenizer is not None else processing_class
         for name, averager in self.averagers.items():
             if averager.count == 0:
                 log.info("AveragingCallback: %s has averaged nothing yet; not saved", name)
                 continue
-            averager.save_pretrained(
+            out = averager.save_pretrained(
                 model, folder / f"averaged-{name}", force=True, tokenizer=tokenizer
             )
+            if with_state:
+                averager.save_state(out)
 
 
 def _check_specs(averagers: Specs) -> dict[str, dict[str, Any] | WeightAverager]:
