@@ -39,30 +39,7 @@ def _close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float =
 
 
 def _train(out: Path, callback: AveragingCallback, steps: int, **options: Any) -> None:
-    args = TrainingArguments(
-        output_dir=str(out),
-        max_steps=steps,
-        per_device_train_batch_size=2,
-        learning_rate=5e-3,
-        save_strategy="steps",
-        save_steps=1,
-        save_only_model=True,
-        logging_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-        seed=0,
-        **options,
-    )
-    trainer = Trainer(
-        model=tiny_model("llama", seed=2).train(),
-        args=args,
-        train_dataset=_data(),
-        processing_class=tiny_tokenizer(),
-        callbacks=[callback],
-    )
-    trainer.train()
+    _trainer(out, callback, steps, save_only_model=True, **options).train()
 
 
 @pytest.fixture(scope="module")
@@ -157,7 +134,9 @@ def test_callback_accepts_a_prebuilt_averager_and_several_of_one_method() -> Non
     assert callback.averagers["ema-fast"].count == 1
 
 
-def _trainer(out: Path, callback: AveragingCallback, steps: int) -> Trainer:
+def _trainer(out: Path, callback: AveragingCallback, steps: int, **options: Any) -> Trainer:
+    """A Trainer for a tiny llama saving every step (with optimizer state unless
+    save_only_model=True is passed, so that it can be resumed)."""
     args = TrainingArguments(
         output_dir=str(out),
         max_steps=steps,
@@ -171,6 +150,7 @@ def _trainer(out: Path, callback: AveragingCallback, steps: int) -> Trainer:
         disable_tqdm=True,
         dataloader_num_workers=0,
         seed=0,
+        **options,
     )
     return Trainer(
         model=tiny_model("llama", seed=2).train(),
