@@ -163,3 +163,15 @@ def test_chat_template_member_prompt(lively: dict[str, Path]) -> None:
         *plain.tokenizer("hi", add_special_tokens=False)["input_ids"],
     ]
     assert len(ensemble.generate(["hi"], max_new_tokens=3)[0].token_ids) <= 3
+
+
+def test_dropout_member_does_not_share_a_plain_members_model(lively: dict[str, Path]) -> None:
+    """GPT-2's config has dropout 0.1 of its own: a sampled member of it and a plain member of
+    the same folder get two models, so the plain one stays in eval mode (no dropout)."""
+    recipe = {
+        "rule": "linear",
+        "members": [{"model": str(lively["gpt2"])}, {"model": str(lively["gpt2"]), "samples": 2}],
+    }
+    plain, sampled = Ensemble.from_recipe(recipe).members
+    assert plain.model is not sampled.model
+    assert not plain.model.training and sampled.model.training

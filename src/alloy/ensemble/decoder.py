@@ -79,7 +79,9 @@ def decode(
     eos = set() if sampling.ignore_eos else ensemble.eos_ids
     warpers = sampling.warpers()
     generator = torch.Generator(device=device).manual_seed(sampling.seed)
-    torch.manual_seed(sampling.seed)  # dropout members draw their masks from the global RNG
+    if any(m.spec.samples > 1 for m in members):
+        # Dropout masks come from torch's global RNG: seed it only when a member draws them.
+        torch.manual_seed(sampling.seed)
 
     results = [Generation(p, "") for p in prompts]
     if not prompts or sampling.max_new_tokens <= 0:

@@ -80,10 +80,11 @@ class Ensemble:
 
     def combine(self, scores: Sequence[torch.Tensor]) -> torch.Tensor:
         """K members' (N, V) log-probs -> (N, V) combined log-probs: member filters, then rule."""
+        moved = [s.to(self.device) for s in scores]  # members may sit on other devices
         stacked = torch.stack(
             [
-                apply_filters(s.to(self.device), m.spec.filters) if m.spec.filters else s
-                for m, s in zip(self.members, scores, strict=True)
+                apply_filters(s, m.spec.filters) if m.spec.filters else s
+                for m, s in zip(self.members, moved, strict=True)
             ]
         )  # (K, N, V)
         if self.rule.weighted:

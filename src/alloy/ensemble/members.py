@@ -171,12 +171,14 @@ def load_member(
     loaded: dict[tuple[Any, ...], Any] | None = None,
 ) -> Member:
     """Load `spec`'s model and tokenizer. `loaded` shares one model between members that name the
-    same folder, dtype, device and dropout (K copies of one model cost one model's memory)."""
+    same folder, dtype, device and dropout settings (K copies of one model cost one model's
+    memory)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     folder = Path(spec.model)
     where = torch.device(spec.device or device)
-    key = (str(folder.resolve()), spec.dtype, str(where), spec.dropout)
+    # A dropout member puts its model in training mode, so it never shares with a plain one.
+    key = (str(folder.resolve()), spec.dtype, str(where), spec.dropout, spec.samples > 1)
     if loaded is not None and key in loaded:
         model, tokenizer = loaded[key]
         return Member(spec, model, tokenizer, where)
