@@ -149,3 +149,13 @@ def test_no_common_token_falls_back_to_the_first_member() -> None:
     second = torch.tensor([[NEG_INF, 0.0, 0.0]]).log_softmax(-1)
     out = log_linear(torch.stack([first, second]), weights=torch.tensor([0.5, 0.5]))
     assert probs(out) == [1.0, 0.0, 0.0]
+
+
+@pytest.mark.parametrize(
+    "settings", [{"top_p": 0.7}, {"top_k": 3}, {"min_p": 0.2}, {"temperature": 0.5}]
+)
+def test_filters_accept_logits(settings: dict[str, float]) -> None:
+    """Members hand raw logits to their filters: the result is the same as from log-probs."""
+    logits = torch.randn(4, 20, generator=torch.Generator().manual_seed(5)) * 3 + 7
+    expected = apply_filters(torch.log_softmax(logits, -1), settings)
+    torch.testing.assert_close(apply_filters(logits, settings), expected)

@@ -79,7 +79,8 @@ class Ensemble:
         return {int(e) for e in (eos if isinstance(eos, list | tuple) else [eos])}
 
     def combine(self, scores: Sequence[torch.Tensor]) -> torch.Tensor:
-        """K members' (N, V) log-probs -> (N, V) combined log-probs: member filters, then rule."""
+        """K members' (N, V) scores (logits or log-probs) -> (N, V) combined log-probs: member
+        filters, then the rule (which normalises each member)."""
         moved = [s.to(self.device) for s in scores]  # members may sit on other devices
         stacked = torch.stack(
             [
@@ -94,7 +95,7 @@ class Ensemble:
     @torch.inference_mode()
     def token_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """The eval `Scorer` protocol: (B, T) -> (B, T) log p(ids[t] | ids[:t]) under the rule."""
-        per_member = [m.sequence_logprobs(input_ids, attention_mask) for m in self.members]
+        per_member = [m.sequence_scores(input_ids, attention_mask) for m in self.members]
         out = torch.zeros(input_ids.shape, dtype=torch.float32)
         targets = input_ids[:, 1:].to(self.device)
         for b in range(input_ids.shape[0]):  # (T, V) per member at a time keeps memory small

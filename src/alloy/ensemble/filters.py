@@ -2,9 +2,9 @@
 
 The same pure functions serve two named stages of the decoder: *member filters*, applied to one
 member's distribution before the rule combines members (DExperts truncates its base this way), and
-*warpers*, applied to the combined distribution before a token is picked. Each takes and returns
-normalised log-probabilities `(B, V)` in fp32; a removed token gets `-inf`. The top token of a row
-always survives, so no row is ever left empty.
+*warpers*, applied to the combined distribution before a token is picked. Each takes fp32 logits
+or log-probabilities `(B, V)` and returns normalised log-probabilities; a removed token gets
+`-inf`. The top token of a row always survives, so no row is ever left empty.
 
 Shapes: B rows, V vocabulary.
 """
@@ -28,7 +28,7 @@ def temperature(logprobs: torch.Tensor, value: float) -> torch.Tensor:
 def top_k(logprobs: torch.Tensor, k: int) -> torch.Tensor:
     """Keep the `k` most likely tokens of each row (ties at the k-th value are all kept)."""
     if k >= logprobs.shape[-1]:
-        return logprobs
+        return torch.log_softmax(logprobs, dim=-1)
     kth = torch.topk(logprobs, k, dim=-1).values[:, -1:]  # (B, 1)
     return torch.log_softmax(logprobs.masked_fill(logprobs < kth, NEG_INF), dim=-1)
 
@@ -39,6 +39,7 @@ def top_p(logprobs: torch.Tensor, p: float) -> torch.Tensor:
     A token is kept when the probability of the tokens ranked strictly above it is below `p`, so
     the top token always stays and the set is the smallest reaching `p` (Holtzman et al., 2020).
     """
+    logprobs = torch.log_softmax(logprobs, dim=-1)  # the mass needs probabilities
     if p >= 1.0:
         return logprobs
     ranked, order = torch.sort(logprobs, dim=-1, descending=True)  # (B, V)
@@ -53,7 +54,7 @@ def min_p(logprobs: torch.Tensor, p: float) -> torch.Tensor:
     """Keep tokens whose probability is at least `p` times the top probability (Nguyen et al.,
     2024, https://arxiv.org/abs/2407.01082)."""
     if p <= 0.0:
-        return logprobs
+        return torch.log_softmax(logprobs, dim=-1)
     threshold = logprobs.max(dim=-1, keepdim=True).values + math.log(p)  # (B, 1)
     return torch.log_softmax(logprobs.masked_fill(logprobs < threshold, NEG_INF), dim=-1)
 

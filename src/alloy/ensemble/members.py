@@ -1,6 +1,7 @@
 """Ensemble members: a model with its device, prompt template, vocabulary slice and KV cache.
 
-A member turns rows of token ids into next-token log-probabilities. In decoding it keeps its own
+A member turns rows of token ids into next-token scores (logits, or log-probabilities for a
+dropout member), which the rule normalises. In decoding it keeps its own
 `DecodeState` (cache, attention mask, next position) so that members with different prompt
 templates, and therefore different prompt lengths, decode the same continuation side by side.
 A dropout member (`samples > 1`) runs its rows `samples` times in one batch with dropout active and
@@ -85,11 +86,14 @@ class Member:
         )
 
     def _pool(self, logits: torch.Tensor, rows: int) -> torch.Tensor:
-        """(S*B, ..., V') logits -> (B, ..., V) fp32 log-probs, a dropout member's samples pooled
-        (linear: mean of probabilities; log_linear: normalised mean of log-probabilities)."""
-        logprobs = torch.log_softmax(logits[..., : self.vocab].float(), dim=-1)
+        """(S*B, ..., V') logits -> (B, ..., V) fp32 scores for the rule, which normalises them:
+        a plain member's logits as they are (normalising here too would be a second pass); a
+        dropout member's samples pooled into log-probabilities (linear: mean of probabilities;
+        log_linear: normalised mean of log-probabilities)."""
+        scores = logits[..., : self.vocab].float()
         if self.spec.samples == 1:
-            return logprobs
+            return scores
+        logprobs = torch.log_softmax(scores, dim=-1)
         samples = logprobs.view(self.spec.samples, rows, *logprobs.shape[1:])  # (S, B, ..., V)
         if self.spec.pool == "log_linear":
             return torch.log_softmax(samples.mean(dim=0), dim=-1)
@@ -97,7 +101,8 @@ class Member:
 
     @torch.inference_mode()
     def prefill(self, prompts: list[list[int]]) -> tuple[torch.Tensor, DecodeState]:
-        """Left-pad `prompts`, run them through the model once; return (B, V) and the state."""
+        """Left-pad `prompts`, run them through the model once; return (B, V) next-token scores
+        (see `_pool`) and the state."""
         from transformers import DynamicCache
 
         rows, width = len(prompts), max(len(p) for p in prompts)
@@ -125,7 +130,7 @@ class Member:
 
     @torch.inference_mode()
     def step(self, state: DecodeState, tokens: torch.Tensor) -> torch.Tensor:
-        """Feed one token per row (B,); return the next (B, V) log-probs. Updates `state`."""
+        """Feed one token per row (B,); return the next (B, V) scores. Updates `state`."""
         rows = tokens.shape[0]
         ids = tokens.to(self.device)[:, None]  # (B, 1)
         if self.spec.samples > 1:
@@ -152,10 +157,10 @@ class Member:
         state.position = state.position[index]
 
     @torch.inference_mode()
-    def sequence_logprobs(
+    def sequence_scores(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor
     ) -> torch.Tensor:
-        """(B, T) right-padded ids -> (B, T, V) fp32 log-probs of the token after each position."""
+        """(B, T) right-padded ids -> (B, T, V) fp32 scores of the token after each position."""
         samples = self.spec.samples
         ids = input_ids.to(self.device).repeat(samples, 1)  # (S*B, T)
         mask = attention_mask.to(self.device).repeat(samples, 1)
