@@ -67,14 +67,20 @@ def swa_weight(count: int) -> float:
     return 1.0 / (count + 1)
 
 
+def lerp_(average: Tensors, current: Tensors, *, weight: float) -> None:
+    """s <- s + weight * (x - s), in place, as one fused lerp over all tensors: the one update
+    EMA and SWA share (the averager applies it with `ema_weight` or `swa_weight`)."""
+    torch._foreach_lerp_(average, current, weight)
+
+
 def ema_update_(average: Tensors, current: Tensors, *, decay: float) -> None:
-    """s <- decay * s + (1 - decay) * x, in place, as one fused lerp over all tensors."""
-    torch._foreach_lerp_(average, current, ema_weight(decay))
+    """s <- decay * s + (1 - decay) * x, in place."""
+    lerp_(average, current, weight=ema_weight(decay))
 
 
 def swa_update_(average: Tensors, current: Tensors, *, count: int) -> None:
     """s <- s + (x - s) / (count + 1): fold one more model into a mean of `count` models."""
-    torch._foreach_lerp_(average, current, swa_weight(count))
+    lerp_(average, current, weight=swa_weight(count))
 
 
 def lerp_cast_(average: Tensors, current: Tensors, weight: torch.Tensor) -> None:

@@ -20,6 +20,8 @@ from functools import partial
 
 import torch
 
+from alloy.average import rules
+
 Tensors = list[torch.Tensor]
 Rule = Callable[[Tensors, Tensors], None]
 _Chunk = tuple[Tensors, Tensors, Tensors]  # average pieces, current pieces, staging views
@@ -29,10 +31,6 @@ _Pairs = list[tuple[torch.Tensor, torch.Tensor]]  # (fp32 average, current tenso
 # 64 MiB, so a chunk is a few large fused launches.
 STAGING_ELEMENTS = {"cpu": 1 << 18}
 STAGING_ELEMENTS_DEFAULT = 1 << 24
-
-
-def _lerp_(average: Tensors, current: Tensors, *, weight: float) -> None:
-    torch._foreach_lerp_(average, current, weight)
 
 
 def copy_(targets: Tensors, sources: Tensors) -> None:
@@ -57,9 +55,7 @@ class Stager:
         self._plans: dict[torch.device, tuple[tuple[tuple[int, int], ...], list[_Chunk]]] = {}
         self._compiled: Callable[..., None] | None = None
         if compile:
-            from alloy.average.rules import lerp_cast_
-
-            self._compiled = torch.compile(lerp_cast_, fullgraph=True, dynamic=False)
+            self._compiled = torch.compile(rules.lerp_cast_, fullgraph=True, dynamic=False)
 
     @property
     def compiled(self) -> bool:
@@ -93,7 +89,7 @@ class Stager:
                     averages = [a for i, a in enumerate(averages) if i not in done]
                     current = [t for i, t in enumerate(current) if i not in done]
         if averages:
-            self.apply(partial(_lerp_, weight=weight), averages, current)
+            self.apply(partial(rules.lerp_, weight=weight), averages, current)
 
     @property
     def nbytes(self) -> int:
