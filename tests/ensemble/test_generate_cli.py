@@ -66,7 +66,7 @@ def test_generate_input_errors(
     bad.write_text('{"prompt": "ok"}\nnot json\n{"text": "x"}\n')
     assert main(["generate", str(lively["a"]), "--prompts", str(bad)]) == 2
     err = capsys.readouterr().err
-    assert "bad.jsonl:2: not JSON" in err and 'bad.jsonl:3: needs a string "prompt"' in err
+    assert "bad.jsonl:2: invalid JSON" in err and 'bad.jsonl:3: needs a string "prompt"' in err
     assert main(["generate", str(lively["a"]), "-p", "x", "--top-p", "2"]) == 2
     assert "--top-p: must be a number in (0, 1]" in capsys.readouterr().err
     assert main(["generate", str(tmp_path / "missing.yaml"), "-p", "x"]) == 2

@@ -27,19 +27,14 @@ def read_prompts(prompts: list[str], prompts_file: Path | None) -> list[str]:
         return out
     if not prompts_file.is_file():
         raise InputError(f"--prompts {prompts_file}: no such file")
-    lines = prompts_file.read_text(encoding="utf-8").splitlines()
+    text = prompts_file.read_text(encoding="utf-8")
     if prompts_file.suffix != ".jsonl":
-        return out + [line for line in lines if line.strip()]
-    problems = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            problems.append(Problem(f"{prompts_file}:{number}", f"not JSON ({error.msg})"))
-            continue
-        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+        return out + [line for line in text.splitlines() if line.strip()]
+    from alloy.eval.data import jsonl_records
+
+    problems: list[Problem] = []
+    for number, record in jsonl_records(text, prompts_file, problems):
+        if not isinstance(record.get("prompt"), str):
             problems.append(Problem(f"{prompts_file}:{number}", 'needs a string "prompt"'))
             continue
         out.append(record["prompt"])

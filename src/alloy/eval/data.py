@@ -91,17 +91,11 @@ class _SkipError(Exception):
     pass
 
 
-def _load(file: Path, problems: list[Problem]) -> EvalSet:
-    try:
-        text = file.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        problems.append(Problem(str(file), f"not UTF-8 text ({exc.reason})"))
-        raise _SkipError from exc
-    if file.suffix != ".jsonl":
-        if not text.strip():
-            problems.append(Problem(str(file), "empty file"))
-            raise _SkipError
-        return EvalSet(dataset_name(file), file, "text", (text,))
+def jsonl_records(
+    text: str, file: Path, problems: list[Problem]
+) -> list[tuple[int, dict[str, Any]]]:
+    """(line number, record) of every JSON-object line of `text`; blank lines are skipped and
+    every bad line is added to `problems` as `file:line`."""
     records: list[tuple[int, dict[str, Any]]] = []
     for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
@@ -115,6 +109,21 @@ def _load(file: Path, problems: list[Problem]) -> EvalSet:
             problems.append(Problem(f"{file}:{number}", "a record must be a JSON object"))
             continue
         records.append((number, record))
+    return records
+
+
+def _load(file: Path, problems: list[Problem]) -> EvalSet:
+    try:
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        problems.append(Problem(str(file), f"not UTF-8 text ({exc.reason})"))
+        raise _SkipError from exc
+    if file.suffix != ".jsonl":
+        if not text.strip():
+            problems.append(Problem(str(file), "empty file"))
+            raise _SkipError
+        return EvalSet(dataset_name(file), file, "text", (text,))
+    records = jsonl_records(text, file, problems)
     if not records:
         problems.append(Problem(str(file), "no records"))
         raise _SkipError
