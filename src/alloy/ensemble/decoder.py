@@ -88,9 +88,9 @@ def decode(
         return results
     states, scores = [], []
     for member in members:
-        logprobs, state = member.prefill([member.encode_prompt(p) for p in prompts])
+        first, state = member.prefill([member.encode_prompt(p) for p in prompts])
         states.append(state)
-        scores.append(logprobs)
+        scores.append(first)
     alive = list(range(len(prompts)))  # rows still decoding -> index into results
     for step in range(1, sampling.max_new_tokens + 1):
         logprobs = ensemble.combine(scores)  # (B, V)
@@ -118,7 +118,8 @@ def decode(
         if step == sampling.max_new_tokens or len(finished) == len(alive):
             break
         if finished:
-            keep_rows = [row for row in range(len(alive)) if row not in set(finished)]
+            done = set(finished)
+            keep_rows = [row for row in range(len(alive)) if row not in done]
             keep = torch.tensor(keep_rows, dtype=torch.long)
             for member, state in zip(members, states, strict=True):
                 member.keep_rows(state, keep, len(alive))
