@@ -80,6 +80,7 @@ def _register() -> None:
     from alloy.cli import inspect as _inspect  # noqa: F401
     from alloy.cli import lab as _lab  # noqa: F401
     from alloy.cli import merge as _merge  # noqa: F401
+    from alloy.cli import moe as _moe  # noqa: F401
     from alloy.cli import soup as _soup  # noqa: F401
 
 

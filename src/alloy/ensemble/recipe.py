@@ -17,20 +17,19 @@ model is loaded and every problem is reported at once, with its YAML path.
 
 from __future__ import annotations
 
-import copy
 import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from alloy.ensemble.decoder import Sampling
 from alloy.ensemble.filters import check_filters
 from alloy.ensemble.members import MemberSpec
 from alloy.ensemble.rules import RULES
 from alloy.errors import ProblemCollector, RecipeError, did_you_mean
-from alloy.io.yamlfile import read_recipe
+from alloy.io.yamlfile import read_recipe, validate_schema
 
 Number = float | int
 
@@ -136,7 +135,7 @@ def load_ensemble_recipe(
     """
     raw, origin = read_recipe(source, "ensemble recipe", "rule:, members:, ...")
     problems = ProblemCollector()
-    recipe = _validate(raw, problems)
+    recipe = validate_schema(raw, EnsembleRecipe, _NESTED, problems)
     if recipe is None:
         problems.raise_if_any(RecipeError, f"invalid ensemble recipe ({origin})")
         raise AssertionError("schema validation failed without a problem")
@@ -144,36 +143,6 @@ def load_ensemble_recipe(
         problems.add(where, message, hint)
     problems.raise_if_any(RecipeError, f"invalid ensemble recipe ({origin})")
     return recipe
-
-
-def _validate(raw: dict[str, Any], problems: ProblemCollector) -> EnsembleRecipe | None:
-    """The recipe's structure. Unknown keys are reported, dropped, and the rest validated again,
-    so that a misspelt key does not hide the problems behind it."""
-    data = copy.deepcopy(raw)
-    for _ in range(3):
-        try:
-            return EnsembleRecipe.model_validate(data)
-        except ValidationError as error:
-            details = error.errors()
-        droppable = True
-        for detail in details:
-            loc = detail["loc"]
-            where = ".".join(str(p) for p in loc) or "(top)"
-            if detail["type"] != "extra_forbidden":
-                problems.add(where, f"{detail['msg']}, got {repr(detail.get('input'))[:60]}")
-                droppable = False
-                continue
-            key = str(loc[-1])
-            schema = _NESTED.get(str(loc[0]), EnsembleRecipe) if len(loc) > 1 else EnsembleRecipe
-            hint = did_you_mean(key, schema.model_fields, "allowed keys")
-            problems.add(where, f"unknown key {key!r}", hint)
-            node: Any = data
-            for part in loc[:-1]:
-                node = node[part]
-            del node[loc[-1]]
-        if not droppable:
-            return None
-    return None
 
 
 def _issues(recipe: EnsembleRecipe, check_paths: bool) -> list[tuple[str, str, str | None]]:

@@ -6,15 +6,17 @@ PyYAML's safe loader silently keeps the last of two equal keys and reads `1e-3` 
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
+from pydantic import BaseModel, ValidationError
 
-from alloy.errors import RecipeError
+from alloy.errors import ProblemCollector, RecipeError, did_you_mean
 
 
 class _Loader(yaml.SafeLoader):
@@ -70,3 +72,46 @@ def read_recipe(
     if not isinstance(raw, dict):
         raise RecipeError(f"{origin}: a {what} must be a mapping ({keys})")
     return raw, origin
+
+
+Schema = TypeVar("Schema", bound=BaseModel)
+
+
+def validate_schema(
+    raw: dict[str, Any],
+    schema: type[Schema],
+    nested: Mapping[str, type[BaseModel]],
+    problems: ProblemCollector,
+) -> Schema | None:
+    """`raw` validated against the pydantic `schema` (whose `nested` top-level keys hold lists or
+    mappings of other models), every problem added to `problems` with its YAML path.
+
+    Unknown keys are reported with a did-you-mean hint, dropped, and the rest validated again, so
+    that a misspelt key does not hide the problems behind it. None if anything else is wrong.
+    """
+    data = copy.deepcopy(raw)
+    for _ in range(3):
+        try:
+            return schema.model_validate(data)
+        except ValidationError as error:
+            details = error.errors()
+        droppable = True
+        for detail in details:
+            loc = detail["loc"]
+            where = ".".join(str(p) for p in loc) or "(top)"
+            if detail["type"] != "extra_forbidden":
+                problems.add(where, f"{detail['msg']}, got {repr(detail.get('input'))[:60]}")
+                droppable = False
+                continue
+            key = str(loc[-1])
+            model = nested.get(str(loc[0]), schema) if len(loc) > 1 else schema
+            problems.add(
+                where, f"unknown key {key!r}", did_you_mean(key, model.model_fields, "allowed keys")
+            )
+            node: Any = data
+            for part in loc[:-1]:
+                node = node[part]
+            del node[loc[-1]]
+        if not droppable:
+            return None
+    return None

@@ -84,6 +84,14 @@ TINY: dict[str, TinySpec] = {
         "60KB",
     ),
 }
+# Architectures built on request but left out of the cross-architecture test matrix (TINY).
+MORE_TINY: dict[str, TinySpec] = {
+    # q/k norms in attention; untied, fp32, one file
+    "qwen3": TinySpec(
+        "qwen3", {**_COMMON, "tie_word_embeddings": False, "head_dim": 8}, torch.float32, None
+    ),
+}
+_ALL_TINY = {**TINY, **MORE_TINY}
 
 
 def tiny_tokenizer() -> Any:
@@ -115,9 +123,9 @@ def tiny_model(arch: str, *, seed: int = 0, noise: float = 0.05, **overrides: An
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    if arch not in TINY:
-        raise InputError(f"unknown tiny architecture {arch!r}; choose from {', '.join(TINY)}")
-    spec = TINY[arch]
+    if arch not in _ALL_TINY:
+        raise InputError(f"unknown tiny architecture {arch!r}; choose from {', '.join(_ALL_TINY)}")
+    spec = _ALL_TINY[arch]
     config = AutoConfig.for_model(spec.model_type, **{**spec.config, **overrides})
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
@@ -159,7 +167,7 @@ def build_tiny(
     """
     from transformers import GenerationConfig
 
-    spec = TINY.get(arch)
+    spec = _ALL_TINY.get(arch)
     if layers is not None:
         overrides["n_layer" if arch == "gpt2" else "num_hidden_layers"] = layers
     model = tiny_model(arch, seed=seed, noise=noise, **overrides)
