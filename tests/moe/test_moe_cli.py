@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -107,3 +108,21 @@ def test_cli_errors(
     )
     assert "2 experts per token but only 1" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+EXAMPLES = sorted((Path(__file__).parents[2] / "examples" / "moe").glob("*.yaml"))
+DEMO = "runs/lab/family/demo/"
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.stem)
+def test_example_runs(example: Path, tmp_path: Path) -> None:
+    from alloy.lab.tiny import build_tiny
+
+    text = example.read_text()
+    assert DEMO in text
+    for seed, name in enumerate(sorted(set(re.findall(rf"{DEMO}(\S+)", text)))):
+        build_tiny("llama", tmp_path / name, seed=seed, noise=0.3)
+    recipe = tmp_path / example.name
+    recipe.write_text(text.replace(DEMO, f"{tmp_path}/"))
+    assert main(["moe", str(recipe), str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / "config.json").is_file()

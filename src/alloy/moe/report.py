@@ -157,6 +157,9 @@ def routing_report(
     k = config.num_experts_per_tok
     names = list(experts) if experts is not None else [f"expert{i}" for i in range(num_experts)]
     start = start_ids(tokenizer)
+    context = getattr(config, "max_position_embeddings", None)
+    if context:
+        window = min(window, context - len(start))
     device = next(model.parameters()).device
     top1s, topks, counts = [], [], []
     for name, items in texts.items():

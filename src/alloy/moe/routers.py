@@ -55,12 +55,16 @@ def directions(positive: torch.Tensor, negative: torch.Tensor | None) -> torch.T
     return torch.where(norm > 0, vector / norm.clamp_min(1e-30), vector)
 
 
-def prompt_ids(tokenizer: Any, prompts: Sequence[str]) -> list[list[int]]:
-    """Each prompt as token ids, after the model's start token (see eval.scorer.start_ids)."""
+def prompt_ids(
+    tokenizer: Any, prompts: Sequence[str], max_length: int | None = None
+) -> list[list[int]]:
+    """Each prompt as token ids after the model's start token (see eval.scorer.start_ids), cut
+    to `max_length` tokens in all (the model's context)."""
     from alloy.eval.scorer import start_ids
 
     start = start_ids(tokenizer)
-    return [start + list(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
+    ids = [start + list(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
+    return [seq[:max_length] for seq in ids] if max_length else ids
 
 
 def mean_embeddings(embed: torch.Tensor, ids: Sequence[Sequence[int]], skip: int) -> torch.Tensor:
@@ -108,13 +112,19 @@ def prompted_routers(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from alloy.eval.scorer import load_pretrained, start_ids
+    from alloy.io import Checkpoint
 
     tokenizer = load_pretrained(base, AutoTokenizer, "the base model's tokenizer")
     skip = len(start_ids(tokenizer))
+    with Checkpoint.open(base) as checkpoint:
+        context = (checkpoint.config or {}).get("max_position_embeddings")
+        embedding = checkpoint.model_info().input_embedding
+        embed = checkpoint.read(embedding) if mode == "cheap_embed" and embedding else None
     problems = ProblemCollector()
     encoded: list[tuple[list[list[int]], list[list[int]]]] = []
     for e, (positive, negative) in enumerate(experts):
-        pos, neg = prompt_ids(tokenizer, positive), prompt_ids(tokenizer, negative)
+        pos = prompt_ids(tokenizer, positive, context)
+        neg = prompt_ids(tokenizer, negative, context)
         for kind, seqs in (("positive", pos), ("negative", neg)):
             if any(len(s) <= skip for s in seqs):
                 problems.add(f"experts.{e}.{kind}_prompts", "a prompt has no tokens")
@@ -128,16 +138,12 @@ def prompted_routers(
         def means(seqs: list[list[int]]) -> torch.Tensor:
             return mean_router_inputs(model, seqs, skip)  # (L, H)
     elif mode == "cheap_embed":
-        from alloy.io import Checkpoint
-
-        with Checkpoint.open(base) as checkpoint:
-            name = checkpoint.model_info().input_embedding
-            if name is None:
-                raise RecipeError(f"{base}: no input embedding found for cheap_embed")
-            embed = checkpoint.read(name)
+        if embed is None:
+            raise RecipeError(f"{base}: no input embedding found for cheap_embed")
+        table = embed
 
         def means(seqs: list[list[int]]) -> torch.Tensor:
-            return mean_embeddings(embed, seqs, skip).expand(num_layers, -1)
+            return mean_embeddings(table, seqs, skip).expand(num_layers, -1)
     else:
         raise ValueError(f"{mode!r} takes no prompts")
 
