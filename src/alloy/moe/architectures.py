@@ -86,6 +86,14 @@ class MoeArchitecture:
         return config
 
 
+# Qwen MoEs: every layer sparse, top-k weights renormalised (as Mixtral, and as mergekit writes)
+_QWEN_MOE = {
+    "decoder_sparse_step": 1,
+    "mlp_only_layers": [],
+    "norm_topk_prob": True,
+    "output_router_logits": False,
+}
+
 ARCHITECTURES: dict[str, MoeArchitecture] = {
     "mixtral": MoeArchitecture(
         name="mixtral",
@@ -101,12 +109,7 @@ ARCHITECTURES: dict[str, MoeArchitecture] = {
         class_name="Qwen2MoeForCausalLM",
         bases=("qwen2",),
         shared_expert=True,
-        config_updates={
-            "decoder_sparse_step": 1,
-            "mlp_only_layers": [],
-            "norm_topk_prob": True,
-            "output_router_logits": False,
-        },
+        config_updates=_QWEN_MOE,
     ),
     "qwen3": MoeArchitecture(
         name="qwen3",
@@ -114,12 +117,7 @@ ARCHITECTURES: dict[str, MoeArchitecture] = {
         class_name="Qwen3MoeForCausalLM",
         bases=("qwen3",),
         shared_expert=False,
-        config_updates={
-            "decoder_sparse_step": 1,
-            "mlp_only_layers": [],
-            "norm_topk_prob": True,
-            "output_router_logits": False,
-        },
+        config_updates=_QWEN_MOE,
     ),
 }
 
