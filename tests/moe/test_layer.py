@@ -90,3 +90,12 @@ def test_capacity_drops_the_late_tokens() -> None:
     assert out[:2].abs().sum(-1).gt(0).all()
     assert torch.equal(out[2:], torch.zeros(6, 16))
     torch.testing.assert_close(out, moe.reference_forward(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_inference_path_equals_training_path(dtype: torch.dtype) -> None:
+    moe = layer(top_k=2).to(dtype)
+    x = torch.randn(5, 16, generator=torch.Generator().manual_seed(4)).to(dtype)
+    with torch.no_grad():
+        fast = moe(x)  # the in-place branch
+    torch.testing.assert_close(fast, moe(x).detach(), rtol=0, atol=0)

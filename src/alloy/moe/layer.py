@@ -141,9 +141,14 @@ class SparseMoE(nn.Module):
         sorted_x = x[tokens]  # (T*K, H)
         gate_up = _grouped_linear(sorted_x, self.gate_up_proj, counts)  # (T*K, 2I)
         gate, up = gate_up.chunk(2, dim=-1)
-        hidden = F.silu(gate) * up
-        out = _grouped_linear(hidden, self.down_proj, counts)  # (T*K, H)
-        out = out * routed.weights.reshape(-1)[order, None].to(out.dtype)
+        weights = routed.weights.reshape(-1)[order, None]
+        if torch.is_grad_enabled():
+            hidden = F.silu(gate) * up
+            out = _grouped_linear(hidden, self.down_proj, counts)  # (T*K, H)
+            out = out * weights.to(out.dtype)
+        else:  # inference: the same maths in place, one memory pass fewer over each intermediate
+            hidden = F.silu(gate).mul_(up)
+            out = _grouped_linear(hidden, self.down_proj, counts).mul_(weights.to(hidden.dtype))
         return torch.zeros_like(x).index_add_(0, tokens, out.to(x.dtype))
 
     def reference_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
