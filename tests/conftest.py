@@ -16,6 +16,14 @@ from alloy.lab.tiny import TINY, build_tiny
 ARCHS = tuple(TINY)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_hash_cache(tmp_path_factory: pytest.TempPathFactory):
+    """Digests computed by tests are cached in a temporary folder, not the user's ~/.cache."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("ALLOY_CACHE_DIR", str(tmp_path_factory.mktemp("alloy-cache")))
+        yield
+
+
 @pytest.fixture(scope="session")
 def tiny_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A folder holding one tiny checkpoint per architecture (see alloy.lab.tiny.TINY)."""

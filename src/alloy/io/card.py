@@ -3,12 +3,11 @@
 The card is deterministic (no timestamps, no absolute temporary paths), so the same inputs and
 recipe give a byte-identical output folder. Input hashes are the SHA-256 of each weight file, the
 same digest the Hugging Face Hub shows for LFS files, so a reader can match an input to a
-published revision.
+published revision; they are cached across runs while a file is unchanged (alloy.io.digest).
 """
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,16 +15,7 @@ from pathlib import Path
 import yaml
 
 import alloy
-
-_CHUNK = 8 << 20
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+from alloy.io.digest import file_sha256
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,102 @@
+"""SHA-256 of weight files, remembered across runs while a file provably has not changed.
+
+Model cards record the SHA-256 of every input weight file (the digest the Hugging Face Hub shows
+for LFS files). Hashing is the one part of a card whose cost grows with the inputs: about
+1.3 GB/s of one core on the reference machine, so three 7B inputs cost some 30 s of CPU, taken
+from a merge that wants every core. Users re-run merges on the same inputs while they tune a
+recipe, so a file's digest is cached under its identity: device, inode, size, mtime and ctime.
+Rewriting a file changes its mtime and ctime, replacing it by a rename changes its inode, and
+ctime cannot be set back by `touch`, so an unchanged identity means unchanged bytes.
+
+One race remains: a write in the same timestamp tick as the hash leaves the identity as it was.
+So, like git's "racy clean" rule, a digest is cached only for a file whose last change is at least
+`RACY_SECONDS` older than the moment hashing started.
+
+The cache is $ALLOY_CACHE_DIR/sha256.json, else $XDG_CACHE_HOME/alloy/sha256.json, else
+~/.cache/alloy/sha256.json; `ALLOY_HASH_CACHE=0` turns it off. It is only a cache: when it is
+missing, corrupt or unwritable it is ignored, and it can never fail the job that hashes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import threading
+import time
+from pathlib import Path
+
+RACY_SECONDS = 2.0
+MAX_ENTRIES = 4096  # least recently used entries beyond this are dropped
+_CHUNK = 8 << 20
+_LOCK = threading.Lock()  # one writer of the cache file per process at a time
+
+
+def cache_file() -> Path | None:
+    """Where digests are cached, or None when caching is turned off."""
+    if os.environ.get("ALLOY_HASH_CACHE", "1").strip().lower() in {"0", "false", "no", "off"}:
+        return None
+    folder = os.environ.get("ALLOY_CACHE_DIR")
+    if not folder:
+        xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+        folder = str(Path(xdg) / "alloy")
+    return Path(folder) / "sha256.json"
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """The SHA-256 (hex) of a file's bytes, from the cache when the file has not changed."""
+    path = Path(path).resolve()
+    started = time.time_ns()
+    before = path.stat()
+    store = cache_file()
+    key, identity = str(path), _identity(before)
+    if store is not None:
+        entry = _load(store).get(key)
+        if entry is not None and entry.get("id") == identity:
+            digest = str(entry["sha256"])
+            _save(store, key, identity, digest)  # refresh its place in the LRU order
+            return digest
+    digest = _hash(path)
+    after = path.stat()
+    settled = started - max(after.st_mtime_ns, after.st_ctime_ns) >= RACY_SECONDS * 1e9
+    if store is not None and _identity(after) == identity and settled:
+        _save(store, key, identity, digest)
+    return digest
+
+
+def _identity(stat: os.stat_result) -> list[int]:
+    return [stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns]
+
+
+def _hash(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _load(store: Path) -> dict[str, dict]:
+    try:
+        entries = json.loads(store.read_text())
+    except (OSError, ValueError):
+        return {}
+    return entries if isinstance(entries, dict) else {}
+
+
+def _save(store: Path, key: str, identity: list[int], digest: str) -> None:
+    """Add or refresh one entry; rewritten whole through a rename, so readers never see half."""
+    with _LOCK, contextlib.suppress(OSError):
+        entries = _load(store)
+        entries.pop(key, None)
+        entries[key] = {"id": identity, "sha256": digest}  # dicts keep insertion order: LRU last
+        while len(entries) > MAX_ENTRIES:
+            entries.pop(next(iter(entries)))
+        store.parent.mkdir(parents=True, exist_ok=True)
+        tmp = store.with_name(f".{store.name}.{os.getpid()}.{threading.get_ident()}")
+        try:
+            tmp.write_text(json.dumps(entries))
+            tmp.replace(store)
+        finally:
+            tmp.unlink(missing_ok=True)
