@@ -135,3 +135,16 @@ def test_least_recently_used_entries_are_dropped(
     digest.file_sha256(files[2])  # evicts 1
     assert list(json.loads(store.read_text())) == [str(files[0].resolve()), str(files[2].resolve())]
     assert hashed == [files[0].resolve(), files[1].resolve(), files[2].resolve()]
+
+
+def test_several_files_hit_and_miss_in_one_call(
+    tmp_path: Path, store: Path, hashed: list[Path]
+) -> None:
+    files = [tmp_path / f"{i}.bin" for i in range(3)]
+    for i, file in enumerate(files):
+        _write(file, bytes([i]) * 10, 1_000_000_000)
+    digest.file_sha256(files[1])
+    got = digest.files_sha256(files)
+    assert got == [hashlib.sha256(bytes([i]) * 10).hexdigest() for i in range(3)]
+    assert hashed == [files[1].resolve(), files[0].resolve(), files[2].resolve()]
+    assert len(json.loads(store.read_text())) == 3

@@ -15,7 +15,7 @@ from pathlib import Path
 import yaml
 
 import alloy
-from alloy.io.digest import file_sha256
+from alloy.io.digest import files_sha256
 
 
 @dataclass(frozen=True)
@@ -28,7 +28,8 @@ class CardInput:
 
     @classmethod
     def of(cls, role: str, path: Path, weight_files: Sequence[Path]) -> CardInput:
-        return cls(role, str(path), {f.name: file_sha256(f) for f in weight_files})
+        digests = files_sha256(weight_files)
+        return cls(role, str(path), {f.name: d for f, d in zip(weight_files, digests, strict=True)})
 
 
 def model_card(

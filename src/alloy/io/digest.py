@@ -25,6 +25,7 @@ import json
 import os
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 RACY_SECONDS = 2.0
@@ -46,23 +47,33 @@ def cache_file() -> Path | None:
 
 def file_sha256(path: str | os.PathLike[str]) -> str:
     """The SHA-256 (hex) of a file's bytes, from the cache when the file has not changed."""
-    path = Path(path).resolve()
-    started = time.time_ns()
-    before = path.stat()
+    return files_sha256([path])[0]
+
+
+def files_sha256(paths: Sequence[str | os.PathLike[str]]) -> list[str]:
+    """The SHA-256s of several files (one cache read and one cache write for all of them)."""
     store = cache_file()
-    key, identity = str(path), _identity(before)
-    if store is not None:
-        entry = _load(store).get(key)
+    entries = _load(store) if store is not None else {}
+    updates: dict[str, dict] = {}
+    digests = []
+    for given in paths:
+        path = Path(given).resolve()
+        started = time.time_ns()
+        identity = _identity(path.stat())
+        entry = entries.get(str(path))
         if entry is not None and entry.get("id") == identity:
-            digest = str(entry["sha256"])
-            _save(store, key, identity, digest)  # refresh its place in the LRU order
-            return digest
-    digest = _hash(path)
-    after = path.stat()
-    settled = started - max(after.st_mtime_ns, after.st_ctime_ns) >= RACY_SECONDS * 1e9
-    if store is not None and _identity(after) == identity and settled:
-        _save(store, key, identity, digest)
-    return digest
+            digests.append(str(entry["sha256"]))
+            updates[str(path)] = entry  # refreshes its place in the LRU order
+            continue
+        digest = _hash(path)
+        after = path.stat()
+        settled = started - max(after.st_mtime_ns, after.st_ctime_ns) >= RACY_SECONDS * 1e9
+        if _identity(after) == identity and settled:
+            updates[str(path)] = {"id": identity, "sha256": digest}
+        digests.append(digest)
+    if store is not None and updates:
+        _save(store, updates)
+    return digests
 
 
 def _identity(stat: os.stat_result) -> list[int]:
@@ -85,12 +96,14 @@ def _load(store: Path) -> dict[str, dict]:
     return entries if isinstance(entries, dict) else {}
 
 
-def _save(store: Path, key: str, identity: list[int], digest: str) -> None:
-    """Add or refresh one entry; rewritten whole through a rename, so readers never see half."""
+def _save(store: Path, updates: dict[str, dict]) -> None:
+    """Add or refresh entries; the file is rewritten whole through a rename, so a reader never
+    sees half of it (a concurrent writer's entries may be lost: it is only a cache)."""
     with _LOCK, contextlib.suppress(OSError):
         entries = _load(store)
-        entries.pop(key, None)
-        entries[key] = {"id": identity, "sha256": digest}  # dicts keep insertion order: LRU last
+        for key, entry in updates.items():
+            entries.pop(key, None)
+            entries[key] = entry  # dicts keep insertion order: most recently used last
         while len(entries) > MAX_ENTRIES:
             entries.pop(next(iter(entries)))
         store.parent.mkdir(parents=True, exist_ok=True)
