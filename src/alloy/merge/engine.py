@@ -50,16 +50,20 @@ def tune_allocator() -> None:
     Every block read or computed is a few MB; glibc serves such sizes with fresh mmaps by
     default, so each one costs a page fault per 4 KB and the kernel time rivals the merge
     itself (measured: 1B linear merge, 7 s -> 5 s of system time). Raising the mmap and trim
-    thresholds lets the same pages be reused. A no-op where glibc's mallopt is unavailable.
+    thresholds lets the same pages be reused. One arena for all threads, too: a block is often
+    allocated by a reader thread and freed by a worker, and with an arena per thread each arena
+    keeps faulting in fresh pages (measured: 1B linear merge, 220-460k -> 160-210k page faults,
+    40k of them torch's import). A no-op where glibc's mallopt is unavailable.
     """
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         mallopt = libc.mallopt
     except (OSError, AttributeError):
         return
-    m_trim_threshold, m_mmap_threshold = -1, -3
+    m_trim_threshold, m_mmap_threshold, m_arena_max = -1, -3, -8
     mallopt(m_mmap_threshold, 256 << 20)
     mallopt(m_trim_threshold, 512 << 20)
+    mallopt(m_arena_max, 1)
 
 
 def resolve_device(device: str) -> torch.device:
