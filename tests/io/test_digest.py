@@ -86,13 +86,13 @@ def test_a_file_changed_just_before_hashing_is_not_cached(
     assert not store.exists()
 
 
-@pytest.mark.parametrize("content", ["{not json", "[1, 2]", ""])
+@pytest.mark.parametrize("content", ["{not json", "[1, 2]", "", '{"KEY": 1}', '{"KEY": {"id": 3}}'])
 def test_a_corrupt_cache_is_ignored_and_replaced(
     tmp_path: Path, store: Path, hashed: list[Path], content: str
 ) -> None:
-    store.parent.mkdir(parents=True)
-    store.write_text(content)
     file = tmp_path / "w.bin"
+    store.parent.mkdir(parents=True)
+    store.write_text(content.replace("KEY", str(file.resolve())))
     _write(file, b"x", 1_000_000_000)
     assert digest.file_sha256(file) == hashlib.sha256(b"x").hexdigest()
     assert str(file.resolve()) in json.loads(store.read_text())

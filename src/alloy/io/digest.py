@@ -27,6 +27,7 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any, TypeGuard
 
 RACY_SECONDS = 2.0
 MAX_ENTRIES = 4096  # least recently used entries beyond this are dropped
@@ -61,8 +62,8 @@ def files_sha256(paths: Sequence[str | os.PathLike[str]]) -> list[str]:
         started = time.time_ns()
         identity = _identity(path.stat())
         entry = entries.get(str(path))
-        if entry is not None and entry.get("id") == identity:
-            digests.append(str(entry["sha256"]))
+        if _valid(entry) and entry["id"] == identity:
+            digests.append(entry["sha256"])
             updates[str(path)] = entry  # refreshes its place in the LRU order
             continue
         digest = _hash(path)
@@ -74,6 +75,13 @@ def files_sha256(paths: Sequence[str | os.PathLike[str]]) -> list[str]:
     if store is not None and updates:
         _save(store, updates)
     return digests
+
+
+def _valid(entry: object) -> TypeGuard[dict[str, Any]]:
+    """Whether a cache entry has the shape this module writes (a hand-edited cache may not)."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str):
+        return False
+    return len(entry["sha256"]) == 64 and isinstance(entry.get("id"), list)
 
 
 def _identity(stat: os.stat_result) -> list[int]:
