@@ -7,7 +7,7 @@ from alloy.errors import AlloyError
 
 __version__ = "0.1.0"
 
-__all__ = ["AlloyError", "Ensemble", "__version__"]
+__all__ = ["AlloyError", "Ensemble", "__version__", "train"]
 
 
 def __getattr__(name: str) -> object:
@@ -16,4 +16,9 @@ def __getattr__(name: str) -> object:
         from alloy.ensemble import Ensemble
 
         return Ensemble
+    if name == "train":
+        # A package that is also callable: alloy.train(recipe, out) runs a training recipe.
+        import alloy.train as train
+
+        return train
     raise AttributeError(f"module 'alloy' has no attribute {name!r}")

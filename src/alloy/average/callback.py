@@ -86,7 +86,7 @@ class AveragingCallback(TrainerCallback):
         save_final: bool = True,
         tokenizer: Any = None,
     ) -> None:
-        self.specs = _check_specs(averagers)
+        self.specs = check_averaging_specs(averagers)
         self.averagers: dict[str, WeightAverager] = {
             name: spec for name, spec in self.specs.items() if isinstance(spec, WeightAverager)
         }
@@ -152,7 +152,7 @@ class AveragingCallback(TrainerCallback):
                 averager.save_state(out)
 
 
-def _check_specs(averagers: Specs) -> dict[str, dict[str, Any] | WeightAverager]:
+def check_averaging_specs(averagers: Specs) -> dict[str, dict[str, Any] | WeightAverager]:
     """Normalise the `averagers` argument and check every name and option at once."""
     if isinstance(averagers, str):
         averagers = [averagers]

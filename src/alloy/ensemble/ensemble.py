@@ -93,6 +93,22 @@ class Ensemble:
         return self.rule.fn(stacked, **self.params)
 
     @torch.inference_mode()
+    def distribution(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """(B, T) ids -> (B, T, V) log-probabilities of the token after each position under the
+        rule (what a distilled student learns from)."""
+        per_member = [
+            m.sequence_scores(input_ids, attention_mask, position_ids) for m in self.members
+        ]
+        return torch.stack(
+            [self.combine([lp[b] for lp in per_member]) for b in range(input_ids.shape[0])]
+        )
+
+    @torch.inference_mode()
     def token_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """The eval `Scorer` protocol: (B, T) -> (B, T) log p(ids[t] | ids[:t]) under the rule."""
         per_member = [m.sequence_scores(input_ids, attention_mask) for m in self.members]

@@ -158,13 +158,20 @@ class Member:
 
     @torch.inference_mode()
     def sequence_scores(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """(B, T) right-padded ids -> (B, T, V) fp32 scores of the token after each position."""
+        """(B, T) right-padded ids -> (B, T, V) fp32 scores of the token after each position.
+
+        `position_ids` (restarting per packed document) may replace or join the mask."""
         samples = self.spec.samples
-        ids = input_ids.to(self.device).repeat(samples, 1)  # (S*B, T)
-        mask = attention_mask.to(self.device).repeat(samples, 1)
-        logits = self.model(input_ids=ids, attention_mask=mask).logits  # (S*B, T, V')
+        inputs: dict[str, Any] = {"input_ids": input_ids.to(self.device).repeat(samples, 1)}
+        for key, value in (("attention_mask", attention_mask), ("position_ids", position_ids)):
+            if value is not None:
+                inputs[key] = value.to(self.device).repeat(samples, 1)  # (S*B, T)
+        logits = self.model(**inputs, use_cache=False).logits  # (S*B, T, V')
         return self._pool(logits, input_ids.shape[0])
 
 

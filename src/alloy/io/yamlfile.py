@@ -104,7 +104,9 @@ def validate_schema(
                 droppable = False
                 continue
             key = str(loc[-1])
-            model = nested.get(str(loc[0]), schema) if len(loc) > 1 else schema
+            model = model_at(schema, loc[:-1]) or (
+                nested.get(str(loc[0]), schema) if len(loc) > 1 else schema
+            )
             problems.add(
                 where, f"unknown key {key!r}", did_you_mean(key, model.model_fields, "allowed keys")
             )
@@ -115,3 +117,38 @@ def validate_schema(
         if not droppable:
             return None
     return None
+
+
+def model_at(schema: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The pydantic model that holds the keys at YAML path `loc` under `schema` (list indices and
+    mapping keys step through containers), or None when the path leaves the models."""
+    import typing
+
+    current: Any = schema
+    parts = list(loc)
+    for _ in range(4 * len(parts) + 4):  # every pass consumes a part or unwraps a type
+        if isinstance(current, type) and issubclass(current, BaseModel):
+            if not parts:
+                return current
+            field = current.model_fields.get(str(parts.pop(0)))
+            if field is None:
+                return None
+            current = field.annotation
+            continue
+        args = [a for a in typing.get_args(current) if _holds_model(a)]
+        if len(args) != 1:
+            return None
+        if typing.get_origin(current) in (list, dict, tuple):
+            if not parts:
+                return None
+            parts.pop(0)  # an index or a mapping key
+        current = args[0]
+    return None
+
+
+def _holds_model(annotation: Any) -> bool:
+    import typing
+
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return True
+    return any(_holds_model(a) for a in typing.get_args(annotation))

@@ -1,0 +1,166 @@
+"""`alloy train RECIPE OUT`: continued pre-training, SFT and distillation from a YAML recipe."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from alloy.cli.main import FORCE, app, quiet_transformers
+from alloy.errors import InputError, Problem
+
+
+def parse_overrides(values: list[str]) -> dict[str, Any]:
+    """`KEY=VALUE` pairs (VALUE read as YAML: 1e-3 is a number, [a, b] a list)."""
+    from alloy.io.yamlfile import read_yaml
+
+    out: dict[str, Any] = {}
+    problems = []
+    for value in values:
+        key, sep, text = value.partition("=")
+        if not sep or not key:
+            problems.append(
+                Problem(f"--set {value}", "expected KEY=VALUE", "e.g. --set max_steps=10")
+            )
+            continue
+        out[key.strip()] = read_yaml(text, f"--set {key}") if text.strip() else None
+    if problems:
+        raise InputError("bad --set", problems)
+    return out
+
+
+class _Progress:
+    """A progress bar on a terminal (step, loss, tokens/s, ETA); log lines elsewhere."""
+
+    def __init__(self, every: int, quiet: bool) -> None:
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self.console = Console(stderr=True, highlight=False)
+        self.steps, self.every, self.quiet = 0, every, quiet
+        self.bar = Progress(
+            TextColumn("training"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[status]}"),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=self.console,
+            disable=quiet or not self.console.is_terminal,
+            transient=True,
+        )
+        self.task = self.bar.add_task("training", total=None, status="")
+
+    def start_plan(self, plan: Any) -> None:
+        self.steps = plan.steps
+        self.bar.update(self.task, total=plan.steps)
+        if not self.quiet:
+            self.console.print(plan.summary(), markup=False)
+
+    def __enter__(self) -> _Progress:
+        self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.bar.__exit__(*exc)
+
+    def say(self, message: str) -> None:
+        if not self.quiet:
+            self.console.print(message, markup=False)
+
+    def row(self, row: dict[str, Any]) -> None:
+        speed = row.get("tokens_per_s")
+        status = f"loss {row['loss']:.4f}" + (f", {speed:,.0f} tok/s" if speed else "")
+        self.bar.update(self.task, completed=row["step"], status=status)
+        if (
+            self.bar.disable
+            and not self.quiet
+            and (row["step"] % self.every == 0 or row["step"] == self.steps)
+        ):
+            left = ""
+            if speed:
+                remaining = (self.steps - row["step"]) * row["tokens"] / speed
+                left = f", ETA {remaining / 60:.1f} min"
+            self.console.print(
+                f"step {row['step']}/{self.steps}: loss {row['loss']:.4f}, lr {row['lr']:.3g}"
+                + (f", {speed:,.0f} tok/s" if speed else "")
+                + left,
+                markup=False,
+            )
+
+
+@app.command("train")
+def train_command(
+    recipe: Annotated[Path, typer.Argument(metavar="RECIPE", help="Training recipe (YAML).")],
+    out: Annotated[Path | None, typer.Argument(metavar="OUT", help="Output model folder.")] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue a killed run from OUT.checkpoints.")
+    ] = False,
+    force: Annotated[bool, FORCE] = False,
+    dry_run: Annotated[
+        bool,
+        typer.Option("--dry-run", help="Check everything and print the plan; train nothing."),
+    ] = False,
+    plot_schedule: Annotated[
+        Path | None,
+        typer.Option("--plot-schedule", help="Draw the recipe's learning rate per step to a PNG."),
+    ] = None,
+    overrides: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Replace a recipe value: KEY=VALUE, dotted (repeatable)."),
+    ] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
+) -> None:
+    """Train a model as RECIPE says (objectives: causal_lm, sft, distill) and write it to OUT.
+
+    Works unchanged under `accelerate launch` (DDP, FSDP, DeepSpeed).
+    """
+    from alloy.train import dry_run as plan_run
+    from alloy.train import load_train_recipe
+    from alloy.train import train as run_train
+
+    values = parse_overrides(overrides or [])
+    loaded = load_train_recipe(recipe, overrides=values)
+    quiet_transformers()
+    if dry_run or plot_schedule is not None:
+        plan = plan_run(loaded)
+        if plot_schedule is not None:
+            from alloy.train.outputs import plot_schedule as draw
+
+            title = f"{loaded.spec.schedule['name']} over {plan.steps} steps"
+            if not draw(plan.schedule, plan.steps, plot_schedule, title):
+                raise InputError("--plot-schedule needs matplotlib (pip install matplotlib)")
+            typer.echo(f"wrote {plot_schedule}")
+        if dry_run:
+            typer.echo(plan.summary())
+        return
+    if out is None:
+        raise InputError("alloy train needs OUT, the output model folder (or --dry-run)")
+    command = "alloy " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv else None
+    with _Progress(loaded.spec.log_every, quiet) as progress:
+        result = run_train(
+            loaded,
+            out,
+            resume=resume,
+            force=force,
+            say=progress.say,
+            on_row=progress.row,
+            on_plan=progress.start_plan,
+            command=command,
+        )
+    if not quiet:
+        typer.echo(
+            f"trained {result.steps} steps ({result.tokens:,} tokens) in {result.seconds:.0f}s; "
+            f"final loss {result.final_loss:.4f}; wrote {result.path}"
+        )

@@ -1,0 +1,141 @@
+"""Training losses: pure tensor functions, per token, for the objectives to sum and normalise.
+
+Every function returns one loss per row of its (N, V) inputs (N scored tokens), unreduced, so an
+objective can mask, sum over a gradient-accumulation window and divide by the number of tokens
+across processes (the exact token mean, whatever the padding and the batch split).
+
+Distillation divergences compare the teacher's distribution P with the student's Q, both
+softened by a temperature τ (logits / τ), and are multiplied by τ² so that their gradients keep
+the scale of the τ = 1 loss (Hinton et al. 2015, https://arxiv.org/abs/1503.02531):
+
+- forward KL  KL(P || Q) = Σ P (log P - log Q)    (mass-covering; the classic KD loss)
+- reverse KL  KL(Q || P) = Σ Q (log Q - log P)    (mode-seeking; MiniLLM, https://arxiv.org/abs/2306.08543)
+- generalised JSD(β) = β KL(P || M) + (1 - β) KL(Q || M), M = β P + (1 - β) Q (GKD,
+  https://arxiv.org/abs/2306.13649); β = 0.5 is the symmetric Jensen-Shannon divergence.
+
+A teacher may be given sparsely, as its top-k log-probabilities and their token ids (a cache of
+them is what makes several students cheap). P is then the teacher renormalised over its top k
+tokens and zero elsewhere; forward KL and JSD against that P are computed exactly (JSD's terms
+outside the top k reduce to Q's remaining mass times -log(1 - β)). Reverse KL needs P everywhere
+Q is not zero and is refused with a sparse teacher.
+
+Shapes: N tokens, V vocabulary, k teacher tokens kept.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+Divergence = Literal["forward_kl", "reverse_kl", "jsd"]
+DIVERGENCES: tuple[str, ...] = ("forward_kl", "reverse_kl", "jsd")
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """(N, V) logits, (N,) token ids -> (N,) negative log-likelihood in nats (fp32)."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    return -logprobs.gather(-1, targets[:, None]).squeeze(-1)
+
+
+def shift_for_next_token(
+    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Causal-LM alignment: (B, T, V) logits and (B, T) labels -> the (N, V) logits that predict
+    a label, their (N,) targets, and the (B, T-1) mask they were selected with (position t
+    predicts label t + 1; labels equal to `ignore_index` are not scored)."""
+    mask = labels[:, 1:] != ignore_index  # (B, T-1)
+    return logits[:, :-1][mask], labels[:, 1:][mask], mask
+
+
+@dataclass(frozen=True)
+class SparseTeacher:
+    """The teacher's top-k log-probabilities at temperature 1 and their token ids, (N, k) each."""
+
+    logprobs: torch.Tensor
+    indices: torch.Tensor
+
+
+def _kl_terms(p_log: torch.Tensor, q_log: torch.Tensor) -> torch.Tensor:
+    """Σ p (log p - log q) over the last axis, with 0 log 0 = 0."""
+    p = p_log.exp()
+    return torch.where(p > 0, p * (p_log - q_log), torch.zeros_like(p)).sum(-1)
+
+
+def distillation_divergence(
+    student_logits: torch.Tensor,
+    teacher: torch.Tensor | SparseTeacher,
+    *,
+    kind: Divergence = "forward_kl",
+    temperature: float = 1.0,
+    beta: float = 0.5,
+) -> torch.Tensor:
+    """Per-token divergence between teacher and student at `temperature`, times temperature².
+
+    Args:
+        student_logits: (N, V) student logits.
+        teacher: (N, V) teacher logits or log-probabilities (normalised here), or a
+            `SparseTeacher` of (N, k) top-k log-probabilities and token ids.
+        kind: forward_kl, reverse_kl or jsd (see the module docstring).
+        temperature: τ > 0; both distributions are softened by it.
+        beta: the JSD mixture weight of the teacher, in (0, 1).
+    Returns:
+        (N,) fp32 divergences, >= 0.
+    """
+    tau = float(temperature)
+    q_log = torch.log_softmax(student_logits.float() / tau, dim=-1)  # (N, V)
+    if isinstance(teacher, SparseTeacher):
+        if kind == "reverse_kl":
+            raise ValueError("reverse_kl needs the teacher's full distribution, not its top k")
+        p_log = torch.log_softmax(teacher.logprobs.float() / tau, dim=-1)  # (N, k) renormalised
+        q_top = q_log.gather(-1, teacher.indices)  # (N, k)
+        loss = _kl_terms(p_log, q_top) if kind == "forward_kl" else _sparse_jsd(p_log, q_top, beta)
+        return loss * tau**2
+    p_log = torch.log_softmax(teacher.float() / tau, dim=-1)  # (N, V)
+    if kind == "forward_kl":
+        loss = _kl_terms(p_log, q_log)
+    elif kind == "reverse_kl":
+        loss = _kl_terms(q_log, p_log)
+    else:
+        m_log = _mixture(p_log, q_log, beta)
+        loss = beta * _kl_terms(p_log, m_log) + (1 - beta) * _kl_terms(q_log, m_log)
+    return loss * tau**2
+
+
+def _mixture(p_log: torch.Tensor, q_log: torch.Tensor, beta: float) -> torch.Tensor:
+    """log(β P + (1 - β) Q), computed in log space."""
+    both = torch.stack([p_log + math.log(beta), q_log + math.log(1 - beta)])
+    return torch.logsumexp(both, dim=0)
+
+
+def _sparse_jsd(p_log: torch.Tensor, q_top: torch.Tensor, beta: float) -> torch.Tensor:
+    """JSD(β) with P zero outside its top k: on the top k as usual; outside, M = (1 - β) Q, so
+    Q's terms there add up to (1 - Q(top k)) (-log(1 - β)) and P's to nothing."""
+    m_log = _mixture(p_log, q_top, beta)
+    inside = beta * _kl_terms(p_log, m_log) + (1 - beta) * _kl_terms(q_top, m_log)
+    outside_mass = (1 - q_top.exp().sum(-1)).clamp(min=0)
+    return inside + (1 - beta) * outside_mass * -math.log(1 - beta)
+
+
+def distillation_loss(
+    student_logits: torch.Tensor,
+    targets: torch.Tensor,
+    teacher: torch.Tensor | SparseTeacher,
+    *,
+    alpha: float = 0.5,
+    kind: Divergence = "forward_kl",
+    temperature: float = 1.0,
+    beta: float = 0.5,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """alpha * divergence + (1 - alpha) * cross-entropy on the real next tokens, per token.
+
+    Returns (loss, divergence, cross_entropy), each (N,). alpha = 1 is pure distillation,
+    alpha = 0 plain language modelling (the teacher is then not needed at all).
+    """
+    ce = cross_entropy(student_logits, targets)
+    kd = distillation_divergence(
+        student_logits, teacher, kind=kind, temperature=temperature, beta=beta
+    )
+    return alpha * kd + (1 - alpha) * ce, kd, ce

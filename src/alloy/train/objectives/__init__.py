@@ -1,0 +1,14 @@
+"""Training objectives, one file each, registered by name (see base.py)."""
+
+from alloy.train.objectives import causal_lm as _causal_lm  # noqa: F401  (registers)
+from alloy.train.objectives import distill as _distill  # noqa: F401
+from alloy.train.objectives.base import (
+    OBJECTIVES,
+    LossParts,
+    Objective,
+    ObjectiveContext,
+    ObjectiveSpec,
+    objective,
+)
+
+__all__ = ["OBJECTIVES", "LossParts", "Objective", "ObjectiveContext", "ObjectiveSpec", "objective"]

@@ -1,0 +1,91 @@
+"""What an objective is: a loss over a micro-batch of rows, as sums the trainer normalises.
+
+An objective never divides by its own token count: it returns the summed loss and how many
+targets it covers, and the trainer divides by the number of targets of the whole optimizer step
+(every gradient-accumulation micro-batch, every process). That makes the loss the exact mean over
+the step's targets, whatever the padding or the split over processes, so one process and two give
+the same step.
+
+Adding an objective is one file in this folder: a builder registered with `@objective`, which
+receives the `ObjectiveContext` (recipe, tokenizer, device, rows) and returns something with a
+`loss(model, batch)` method. The preference and adapter objectives slot in the same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+import torch
+
+RowKind = Literal["blocks", "examples", "either"]
+
+
+@dataclass
+class LossParts:
+    total: torch.Tensor  # () summed loss over this micro-batch's targets, with grad
+    count: torch.Tensor  # () number of targets it covers
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)  # () sums, detached
+
+
+class Objective(Protocol):
+    def loss(self, model: Any, batch: dict[str, torch.Tensor]) -> LossParts: ...
+
+
+@dataclass
+class ObjectiveContext:
+    """What an objective may need to build itself."""
+
+    recipe: Any  # alloy.train.recipe.Recipe
+    tokenizer: Any
+    device: torch.device
+    rows: Any = None  # the run's TrainRows (the distillation cache reads them)
+    width: int = 0  # sequence length of a row
+    say: Callable[[str], None] = print
+
+
+@dataclass(frozen=True)
+class ObjectiveSpec:
+    name: str
+    summary: str
+    reference: str
+    rows: RowKind  # blocks: packed text; examples: prompt/completion or messages; either
+    needs_teacher: bool
+    build: Callable[[ObjectiveContext], Objective]
+
+
+OBJECTIVES: dict[str, ObjectiveSpec] = {}
+
+
+def objective(
+    name: str, *, summary: str, reference: str, rows: RowKind, needs_teacher: bool = False
+) -> Callable[[Callable[[ObjectiveContext], Objective]], Callable[[ObjectiveContext], Objective]]:
+    def register(
+        build: Callable[[ObjectiveContext], Objective],
+    ) -> Callable[[ObjectiveContext], Objective]:
+        if name in OBJECTIVES:
+            raise ValueError(f"objective {name!r} is registered twice")
+        OBJECTIVES[name] = ObjectiveSpec(name, summary, reference, rows, needs_teacher, build)
+        return build
+
+    return register
+
+
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """The keyword arguments of a causal LM's forward for a collated batch (no KV cache: in
+    training it is wasted memory, and it would turn off transformers' per-document masks)."""
+    inputs: dict[str, Any] = {"input_ids": batch["input_ids"], "use_cache": False}
+    for key in ("attention_mask", "position_ids"):
+        if key in batch:
+            inputs[key] = batch[key]
+    return inputs
+
+
+def target_mask(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(B, T-1) True where position t's next token (t + 1) is a training target."""
+    return batch["labels"][:, 1:] != -100
+
+
+def count_targets(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    return target_mask(batch).sum()

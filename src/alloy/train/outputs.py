@@ -1,0 +1,188 @@
+"""What a finished run leaves behind: the model folder, its card, curves and the metrics."""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from alloy.io.atomic import AtomicFolder
+from alloy.io.card import CardInput, model_card
+
+
+def save_dtype(plan: Any) -> torch.dtype:
+    """The dtype the model is written in: the starting checkpoint's, float32 for new weights."""
+    if plan.recipe.spec.model.path is None:
+        return torch.float32
+    dtype = getattr(plan.config, "dtype", None) or getattr(plan.config, "torch_dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
+
+
+def write_outputs(
+    plan: Any,
+    trainer: Any,
+    metrics: Any,
+    averaging: Any,
+    snapshots: Path,
+    out: Path,
+    *,
+    force: bool,
+    command: str | None,
+    result: Any,
+) -> None:
+    from alloy.train.run import summary_json, write_json
+
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    dtype = save_dtype(plan)
+    with AtomicFolder(out, force=force) as tmp:
+        if dtype != torch.float32:
+            model.to(dtype)
+        model.save_pretrained(tmp)
+        plan.tokenizer.save_pretrained(tmp)
+        if averaging is not None:
+            for name, averager in averaging.averagers.items():
+                if averager.count:
+                    averager.save_pretrained(
+                        model, tmp / f"averaged-{name}", tokenizer=plan.tokenizer
+                    )
+        if snapshots.is_dir():
+            snapshots.rename(tmp / "snapshots")
+        folder = tmp / "training"
+        folder.mkdir()
+        (folder / "recipe.yaml").write_text(plan.recipe.text)
+        (folder / "metrics.csv").write_text(to_csv(metrics.rows))
+        (folder / "eval.csv").write_text(to_csv(metrics.evals))
+        write_json(folder / "summary.json", summary_json(plan, result))
+        (folder / "plan.txt").write_text(plan.summary() + "\n")
+        plot_curves(metrics.rows, metrics.evals, folder / "curves.png")
+        (tmp / "README.md").write_text(card(plan, result, command))
+
+
+def to_csv(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return ""
+    columns: list[str] = []
+    for row in rows:
+        columns += [k for k in row if k not in columns and not isinstance(row[k], dict)]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, columns, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def card(plan: Any, result: Any, command: str | None) -> str:
+    spec = plan.recipe.spec
+    inputs = []
+    if spec.model.path is not None:
+        folder = Path(spec.model.path)
+        weights = sorted(folder.glob("*.safetensors"))
+        inputs.append(CardInput.of("model", folder, weights))
+    for source in plan.sources:
+        hashes = {Path(p).name: d for p, d in source.files}
+        inputs.append(
+            CardInput(
+                f"data {source.name}",
+                str(Path(source.files[0][0]).parent)
+                if len(source.files) > 1
+                else source.files[0][0],
+                hashes,
+            )
+        )
+    if spec.teacher is not None:
+        inputs.append(CardInput("teacher", spec.teacher.model))
+    summary = (
+        f"Trained with `alloy train` ({spec.objective}): {result.steps:,} steps, "
+        f"{result.tokens:,} tokens, final training loss {result.final_loss:.4f}."
+    )
+    text = model_card(
+        title=spec.name or f"alloy {spec.objective}",
+        summary=summary,
+        command=command,
+        inputs=inputs,
+        recipe=plan.recipe.text,
+        tags=["alloy-train", spec.objective],
+    )
+    lines = ["", "## Training", "", "| | |", "|---|---|"]
+    lines += [
+        f"| objective | {spec.objective} |",
+        f"| steps | {result.steps:,} |",
+        f"| tokens | {result.tokens:,} |",
+        f"| batch | {plan.batch_size} rows x {plan.sequence_length} tokens |",
+        f"| final training loss | {result.final_loss:.4f} |",
+        f"| time | {result.seconds:,.0f} s on {plan.world} process(es) |",
+    ]
+    if result.metrics and spec.replay is not None:
+        lines.append(f"| replay share of tokens | {result.metrics[-1]['replay_fraction']:.4f} |")
+    for name, scores in (result.eval or {}).items():
+        value = scores.get("perplexity", scores.get("accuracy"))
+        metric = "perplexity" if "perplexity" in scores else "accuracy"
+        lines.append(f"| eval {name} ({metric}) | {value:.4g} |")
+    return text + "\n".join(lines) + "\n"
+
+
+def plot_curves(rows: list[dict[str, Any]], evals: list[dict[str, Any]], path: Path) -> bool:
+    """Loss, learning rate and eval curves in one PNG; False when matplotlib is absent."""
+    if not rows:
+        return False
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    panels = 3 if evals else 2
+    fig, axes = plt.subplots(1, panels, figsize=(4.2 * panels, 3.4))
+    steps = [r["step"] for r in rows]
+    axes[0].plot(steps, [r["loss"] for r in rows], label="loss", lw=1)
+    for key in ("ce", "kd"):
+        if key in rows[0] and any(key in r for r in rows):
+            axes[0].plot(steps, [r.get(key, math.nan) for r in rows], label=key, lw=1)
+    axes[0].set_xlabel("step")
+    axes[0].set_ylabel("training loss (nats / target)")
+    axes[0].legend(fontsize=7)
+    axes[1].plot(steps, [r["lr"] for r in rows], color="tab:green", lw=1)
+    axes[1].set_xlabel("step")
+    axes[1].set_ylabel("learning rate")
+    if evals:
+        for name in dict.fromkeys(e["set"] for e in evals):
+            points = [(e["step"], e.get("perplexity")) for e in evals if e["set"] == name]
+            points = [(s, v) for s, v in points if v is not None]
+            if points:
+                axes[2].plot(*zip(*points, strict=True), marker="o", ms=3, label=name, lw=1)
+        axes[2].set_xlabel("step")
+        axes[2].set_ylabel("eval perplexity")
+        axes[2].set_yscale("log")
+        axes[2].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def plot_schedule(schedule: Any, steps: int, path: Path, title: str = "") -> bool:
+    """The learning rate of every step of a run (`alloy train --plot-schedule`)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    xs = list(range(steps))
+    ax.plot(xs, [schedule(s) for s in xs], lw=1.2)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("learning rate")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
