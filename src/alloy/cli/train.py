@@ -126,11 +126,17 @@ def train_command(
 
     Works unchanged under `accelerate launch` (DDP, FSDP, DeepSpeed).
     """
+    from alloy.io.yamlfile import read_recipe
     from alloy.train import dry_run as plan_run
     from alloy.train import load_train_recipe
     from alloy.train import train as run_train
+    from alloy.train.recycle import is_recycle_recipe
 
     values = parse_overrides(overrides or [])
+    raw, _ = read_recipe(recipe, "training recipe", "objective:, model:, data:, ...")
+    if is_recycle_recipe(raw):
+        _recycle(recipe, out, force=force, dry_run=dry_run, quiet=quiet, overrides=values)
+        return
     loaded = load_train_recipe(recipe, overrides=values)
     quiet_transformers()
     if dry_run or plot_schedule is not None:
@@ -164,3 +170,32 @@ def train_command(
             f"trained {result.steps} steps ({result.tokens:,} tokens) in {result.seconds:.0f}s; "
             f"final loss {result.final_loss:.4f}; wrote {result.path}"
         )
+
+
+def _recycle(
+    recipe: Path,
+    out: Path | None,
+    *,
+    force: bool,
+    dry_run: bool,
+    quiet: bool,
+    overrides: dict[str, Any],
+) -> None:
+    """A ratatouille or bagging recipe: every stage an `alloy train` run, then the combination."""
+    from alloy.train.recycle import load_recycle_recipe, recycle
+
+    if overrides:
+        raise InputError("--set applies to training recipes, not to recycling recipes")
+    if out is None:
+        raise InputError("a recycling recipe needs OUT, the pipeline folder")
+    quiet_transformers()
+    plan = load_recycle_recipe(recipe, out)
+    if dry_run:
+        typer.echo(plan.summary())
+        return
+    report = recycle(recipe, out, force=force, say=(lambda m: None) if quiet else typer.echo)
+    if not quiet and "scores" in report:
+        from alloy.cli.eval import print_results
+
+        print_results(report["scores"], None, f"{report['recycle']} (eval data)")
+    typer.echo(f"wrote {out}")

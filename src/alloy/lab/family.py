@@ -3,16 +3,17 @@
 Everything lands under `<root>/family/<preset>/`:
 
     tokenizer/                         byte-level BPE trained on the corpus' train splits
-    tokens/<domain>.npy                 the train split of each domain, tokenised once
     <size>/base/                        Llama base pre-trained on all domains (equal tokens each)
     <size>/experts/<domain>/            the base fine-tuned on one domain
     <size>/soup/<domain>-lr<m>-s<seed>/ more fine-tunes of one domain (soup ingredients)
     <size>/trajectories/<model>/checkpoint-<step>/   intermediate checkpoints (HF folders)
     family.json                         preset, every model's recipe, losses and timings
 
-Training goes through `transformers.Trainer` so the same code runs under accelerate, DDP or FSDP.
+Every model is an `alloy train` run (causal_lm on lab corpus domains, `job_recipe` writes the
+recipe), so the family is trained exactly as a user's recipe would be, on transformers' Trainer.
 Every model folder is written atomically and skipped on the next run when its recipe (preset,
-seed, parent) is unchanged, so experiments reuse the family instead of retraining it.
+seed, parent, trainer version) is unchanged, so experiments reuse the family instead of
+retraining it.
 """
 
 from __future__ import annotations
@@ -27,19 +28,17 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from alloy.errors import InputError, Problem
 from alloy.io.atomic import AtomicFolder
 from alloy.lab.corpus import build_corpus
 from alloy.lab.presets import PRESETS, Preset, Size, Stage
-from alloy.lab.tokens import EOT, PackedBlocks, encode_records, iter_texts, train_tokenizer
+from alloy.lab.tokens import EOT, iter_texts, train_tokenizer
 
 log = logging.getLogger(__name__)
-# Trainer files that are pickles or optimizer state: not needed to use a checkpoint, and a
-# checkpoint folder we hand to users must not invite unpickling.
-_DROP = ("training_args.bin", "optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state")
+# Part of every model's cache key: a change of how the family is trained retrains it.
+TRAINER = "alloy.train/1"
 
 
 @dataclass(frozen=True)
@@ -54,7 +53,12 @@ class Job:
     seed: int
 
     def key(self, preset: Preset, seed: int) -> str:
-        recipe = {"job": asdict(self), "preset": preset.describe(), "family_seed": seed}
+        recipe = {
+            "job": asdict(self),
+            "preset": preset.describe(),
+            "family_seed": seed,
+            "trainer": TRAINER,
+        }
         return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -94,23 +98,23 @@ def plan_jobs(preset: Preset, seed: int) -> list[Job]:
     return jobs
 
 
-def llama_config(size: Size, preset: Preset, tokenizer: Any) -> Any:
-    from transformers import LlamaConfig
-
-    return LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=size.hidden,
-        intermediate_size=size.intermediate,
-        num_hidden_layers=size.layers,
-        num_attention_heads=size.heads,
-        num_key_value_heads=size.kv_heads,
-        max_position_embeddings=preset.seq_len,
-        tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-    )
+def llama_config(size: Size, preset: Preset, tokenizer: Any) -> dict[str, Any]:
+    """The Llama config of `size` as a mapping (a train recipe's `model.config`)."""
+    return {
+        "model_type": "llama",
+        "vocab_size": len(tokenizer),
+        "hidden_size": size.hidden,
+        "intermediate_size": size.intermediate,
+        "num_hidden_layers": size.layers,
+        "num_attention_heads": size.heads,
+        "num_key_value_heads": size.kv_heads,
+        "max_position_embeddings": preset.seq_len,
+        "tie_word_embeddings": True,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+    }
 
 
 def build_family(
@@ -144,14 +148,13 @@ def build_family(
     record.update({"preset": preset.describe(), "seed": seed, "root": str(root.absolute())})
 
     tokenizer = _tokenizer(root, home, preset, list(manifest["domains"]), say)
-    streams = _streams(root, home, tokenizer, list(manifest["domains"]), say)
     for job in plan_jobs(preset, seed):
         key = job.key(preset, seed)
         out = home / job.name
         if record["models"].get(job.name, {}).get("key") == key and (out / "config.json").is_file():
             continue
         say(f"training {job.name} ({job.stage.steps} steps)")
-        result = _train(job, preset, home, tokenizer, streams, device)
+        result = train_job(job, preset, root, tokenizer, device)
         record["models"][job.name] = {"key": key, **asdict(job), **result}
         _write_json(record_path, record)
         say(f"  {job.name}: loss {result['final_loss']:.3f} in {result['seconds']:.0f}s")
@@ -188,98 +191,88 @@ def _tokenizer(
     return AutoTokenizer.from_pretrained(folder)
 
 
-def _streams(
-    root: Path, home: Path, tokenizer: Any, domains: list[str], say: Callable[[str], None]
-) -> dict[str, np.ndarray]:
-    streams = {}
-    for domain in domains:
-        path = home / "tokens" / f"{domain}.npy"
-        if not path.is_file():
-            t = time.perf_counter()
-            ids = encode_records(tokenizer, iter_texts([root / "corpus" / domain / "train.jsonl"]))
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp.npy")
-            np.save(tmp, ids)
-            tmp.replace(path)
-            say(f"tokenised {domain}: {len(ids):,} tokens in {time.perf_counter() - t:.0f}s")
-        streams[domain] = np.load(path, mmap_mode="r")
-    return streams
-
-
-def _train(
+def job_recipe(
     job: Job,
     preset: Preset,
-    home: Path,
+    root: Path,
     tokenizer: Any,
-    streams: dict[str, np.ndarray],
     device: str,
+    *,
+    data: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    from transformers import AutoModelForCausalLM, PrinterCallback, Trainer, TrainingArguments
+    """The `alloy train` recipe of one model of the family.
 
-    torch.manual_seed(job.seed)
-    if job.parent is None:
-        config = llama_config(preset.sizes[job.size], preset, tokenizer)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(home / job.parent, dtype=torch.float32)
-    batch = preset.gpu_batch if device.startswith("cuda") else preset.batch
+    Pre-training and fine-tuning share one recipe shape: causal LM on the job's corpus domains
+    (equal weights, so equal tokens per domain), AdamW (weight decay 0.1, betas 0.9 / 0.95,
+    clipping at 1), linear warm-up then cosine decay to 0. `data` replaces the domains (for
+    experiments that fine-tune the family on other text).
+    """
+    home = root / "family" / preset.name
     stage = job.stage
-    data = PackedBlocks(
-        [np.asarray(streams[d]) for d in job.domains], preset.seq_len, stage.steps * batch, job.seed
-    )
-    out = home / job.name
-    trajectory = home / job.size / "trajectories" / job.name.split("/", 1)[1]
-    t = time.perf_counter()
-    with AtomicFolder(out, force=True) as tmp:
-        args = TrainingArguments(
-            output_dir=str(tmp / "_trainer"),
-            max_steps=stage.steps,
-            per_device_train_batch_size=batch,
-            learning_rate=stage.lr,
-            lr_scheduler_type="cosine",
-            warmup_steps=stage.warmup,
-            weight_decay=0.1,
-            adam_beta2=0.95,
-            max_grad_norm=1.0,
-            logging_steps=max(1, stage.steps // 20),
-            save_strategy="steps" if stage.save_every else "no",
-            save_steps=stage.save_every or stage.steps,
-            save_only_model=True,
-            report_to=[],
-            seed=job.seed,
-            data_seed=job.seed,
-            use_cpu=not device.startswith("cuda"),
-            dataloader_num_workers=0,
-            disable_tqdm=True,
-        )
-        trainer = Trainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
-        trainer.remove_callback(PrinterCallback)  # losses go to family.json, not stdout
-        trainer.train()
-        trainer.save_model(str(tmp))
-        losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
-        _keep_trajectory(tmp / "_trainer", trajectory)
-        shutil.rmtree(tmp / "_trainer", ignore_errors=True)
-        for name in _DROP:
-            for path in tmp.glob(f"{name}*"):
-                path.unlink()
+    model: Any
+    if job.parent is None:
+        model = {
+            "config": llama_config(preset.sizes[job.size], preset, tokenizer),
+            "tokenizer": str(home / "tokenizer"),
+        }
+    else:
+        model = str(home / job.parent)
+    batch = preset.gpu_batch if device.startswith("cuda") else preset.batch
     return {
-        "final_loss": float(losses[-1]) if losses else float("nan"),
-        "losses": losses,
-        "seconds": time.perf_counter() - t,
-        "tokens": stage.steps * batch * preset.seq_len,
-        "eos": EOT,
-        "trajectory": str(trajectory.relative_to(home)) if stage.save_every else None,
+        "name": f"lab {preset.name} {job.name}",
+        "objective": "causal_lm",
+        "model": model,
+        "data": data or [{"name": d, "corpus": d} for d in job.domains],
+        "lab": str(root),
+        "schedule": {"name": "cosine", "lr": stage.lr, "warmup": stage.warmup},
+        "optimizer": {
+            "name": "adamw",
+            "weight_decay": 0.1,
+            "betas": [0.9, 0.95],
+            "max_grad_norm": 1.0,
+        },
+        "max_steps": stage.steps,
+        "batch_size": batch,
+        "sequence_length": preset.seq_len,
+        "seed": job.seed,
+        "device": device,
+        "snapshots": {"every": stage.save_every},
+        "log_every": max(1, stage.steps // 20),
     }
 
 
-def _keep_trajectory(trainer_dir: Path, trajectory: Path) -> None:
-    """Move Trainer's checkpoint-N folders to `trajectory`, without pickles or optimizer state."""
-    checkpoints = sorted(trainer_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-    if not checkpoints:
-        return
-    with AtomicFolder(trajectory, force=True) as tmp:
-        for checkpoint in checkpoints:
-            for name in _DROP:
-                for path in checkpoint.glob(f"{name}*"):
-                    path.unlink()
-            checkpoint.rename(tmp / checkpoint.name)
+def train_job(
+    job: Job,
+    preset: Preset,
+    root: Path,
+    tokenizer: Any,
+    device: str,
+    *,
+    data: list[dict[str, Any]] | None = None,
+    out: Path | None = None,
+) -> dict[str, Any]:
+    """Train one model with `alloy train` into `out` (default: its place in the family); its
+    snapshots, if any, become the model's trajectory."""
+    from alloy.train import train
+
+    home = root / "family" / preset.name
+    out = out or home / job.name
+    recipe = job_recipe(job, preset, root, tokenizer, device, data=data)
+    t = time.perf_counter()
+    result = train(recipe, out, force=True)
+    trajectory = home / job.size / "trajectories" / job.name.split("/", 1)[1]
+    if (out / "snapshots").is_dir():
+        with AtomicFolder(trajectory, force=True) as tmp:
+            for checkpoint in sorted((out / "snapshots").iterdir()):
+                checkpoint.rename(tmp / checkpoint.name)
+        shutil.rmtree(out / "snapshots")
+    losses = [row["loss"] for row in result.metrics]
+    every = max(1, job.stage.steps // 20)
+    return {
+        "final_loss": float(losses[-1]) if losses else float("nan"),
+        "losses": losses[every - 1 :: every],
+        "seconds": time.perf_counter() - t,
+        "tokens": result.tokens,
+        "eos": EOT,
+        "trajectory": str(trajectory.relative_to(home)) if job.stage.save_every else None,
+    }

@@ -55,6 +55,7 @@ class Source:
     files: tuple[Path, ...]
     weight: float
     kind: str  # what the recipe asked for: auto, text, completion, messages
+    bootstrap: int | None = None  # seed of a bootstrap resample of its items
 
 
 @dataclass(frozen=True)
@@ -104,7 +105,11 @@ def resolve_sources(entries: Sequence[DataEntry], lab_root: Path) -> list[Source
             )
         else:
             files = (path,)
-        sources.append(Source(source_name(entry), path, files, float(entry.weight), entry.kind))
+        sources.append(
+            Source(
+                source_name(entry), path, files, float(entry.weight), entry.kind, entry.bootstrap
+            )
+        )
     return sources
 
 
@@ -328,18 +333,20 @@ def load_sources(
         files = tuple((str(f), d) for f, d in zip(source.files, digests, strict=True))
         key = _cache_key(fingerprint, files, source.kind)
         folder = cache_root() / "tokens" / key
-        if use_cache and (loaded := _read_cache(folder)) is not None:
-            loaded.name, loaded.files, loaded.cached = source.name, files, True
-            out.append(loaded)
-            continue
-        before = len(problems)
-        items = read_items(source, tokenizer, problems)
-        if len(problems) > before:
-            continue
-        tokenized = tokenize_items(items, tokenizer)
+        tokenized = _read_cache(folder) if use_cache else None
+        if tokenized is None:
+            before = len(problems)
+            items = read_items(source, tokenizer, problems)
+            if len(problems) > before:
+                continue
+            tokenized = tokenize_items(items, tokenizer)
+            if use_cache:
+                _write_cache(folder, tokenized)
+        else:
+            tokenized.cached = True
         tokenized.name, tokenized.files = source.name, files
-        if use_cache:
-            _write_cache(folder, tokenized)
+        if source.bootstrap is not None:
+            tokenized = bootstrap(tokenized, source.bootstrap)
         out.append(tokenized)
     if problems:
         if len(problems) > MAX_PROBLEMS:
@@ -347,6 +354,30 @@ def load_sources(
             problems = [*problems[:MAX_PROBLEMS], Problem("", f"... and {extra} more problems")]
         raise InputError("training data is not usable", problems)
     return out
+
+
+def bootstrap(source: TokenizedSource, seed: int) -> TokenizedSource:
+    """A bootstrap resample of `source`: as many items, drawn uniformly with replacement
+    (Breiman 1996, bagging), seeded."""
+    n = source.items
+    picks = np.sort(np.random.default_rng([seed, n]).integers(0, n, size=n))
+    lengths = np.diff(source.starts)[picks]
+    starts = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(lengths, out=starts[1:])
+    index = (
+        np.concatenate([np.arange(source.starts[i], source.starts[i + 1]) for i in picks])
+        if n
+        else np.zeros(0, dtype=np.int64)
+    )
+    return TokenizedSource(
+        source.name,
+        np.asarray(source.ids)[index],
+        np.asarray(source.mask)[index],
+        starts,
+        source.kinds,
+        source.files,
+        source.cached,
+    )
 
 
 def cache_root() -> Path:

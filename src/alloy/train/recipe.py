@@ -59,6 +59,7 @@ class DataEntry(_Strict):
     split: Split = "train"
     weight: Number = Field(default=1.0, gt=0)
     kind: DataKind = "auto"
+    bootstrap: int | None = None  # seed of a bootstrap resample (items drawn with replacement)
 
 
 class ModelEntry(_Strict):
