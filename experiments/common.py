@@ -50,3 +50,30 @@ def replace_section(path: Path, name: str, body: str) -> None:
     else:
         text = text.rstrip() + ("\n\n" if text.strip() else "") + section + "\n"
     path.write_text(text)
+
+
+def train_once(recipe: dict, out: Path, say=print) -> Path:  # type: ignore[no-untyped-def, type-arg]
+    """`alloy.train(recipe, out)` unless `out` already holds a run of exactly this recipe."""
+    from alloy.train import load_train_recipe, train
+
+    loaded = load_train_recipe(recipe)
+    done = out / "training" / "recipe.yaml"
+    if done.is_file() and done.read_text() == loaded.text:
+        say(f"reusing {out}")
+        return out
+    say(f"training {out}")
+    result = train(loaded, out, force=True, say=lambda message: None)
+    say(
+        f"  {result.steps} steps, {result.tokens:,} tokens, loss {result.final_loss:.4f}, "
+        f"{result.seconds:.0f}s"
+    )
+    return out
+
+
+def pooled_perplexity(scores: dict, names: list) -> float:  # type: ignore[type-arg]
+    """Perplexity of several text sets taken together (total NLL over total tokens)."""
+    import math
+
+    nll = sum(scores[n]["nll"] for n in names)
+    tokens = sum(scores[n]["tokens"] for n in names)
+    return math.exp(nll / tokens)

@@ -169,7 +169,12 @@ def test_model_from_config_and_tokenizer(tiny_llama: Path, data_dir: Path, tmp_p
         "num_key_value_heads": 1,
         "max_position_embeddings": 64,
     }
-    recipe = _recipe(tiny_llama, data_dir, model={"config": config, "tokenizer": str(tiny_llama)})
+    recipe = _recipe(
+        tiny_llama,
+        data_dir,
+        model={"config": config, "tokenizer": str(tiny_llama)},
+        eval={"data": [str(data_dir / "old.jsonl")], "max_tokens": 256},  # a config-built model
+    )
     result = train(recipe, tmp_path / "out")
     assert result.metrics[-1]["loss"] < result.metrics[0]["loss"]
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "out").config.hidden_size == 16
@@ -385,3 +390,17 @@ def test_two_processes_match_one(tiny_llama: Path, data_dir: Path, tmp_path: Pat
     )
     summary = json.loads((tmp_path / "two" / "training" / "summary.json").read_text())
     assert summary["processes"] == 2
+
+
+def test_output_keeps_the_starting_dtype(tiny_root: Path, data_dir: Path, tmp_path: Path) -> None:
+    """A bf16 checkpoint trains in fp32 and is written back in bf16, averages included."""
+    recipe = _recipe(
+        tiny_root / "mistral", data_dir, max_steps=2, averaging={"ema": {"decay": 0.5}}
+    )
+    train(recipe, tmp_path / "out")
+    for folder in (tmp_path / "out", tmp_path / "out" / "averaged-ema"):
+        assert {t.dtype for t in _weights(folder).values()} == {torch.bfloat16}
+        assert json.loads((folder / "config.json").read_text())["dtype"] == "bfloat16"
+    assert not (tmp_path / "out" / "training_args.bin").exists()
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert model.dtype == torch.bfloat16

@@ -101,9 +101,8 @@ class ModelScorer:
 
     @property
     def is_reward_model(self) -> bool:
-        return str(getattr(self.model.config, "architectures", [""])[0]).endswith(
-            "ForSequenceClassification"
-        )
+        architectures = getattr(self.model.config, "architectures", None) or [""]
+        return str(architectures[0]).endswith("ForSequenceClassification")
 
 
 def load_pretrained(folder: Path, loader: Any, what: str = "", **kwargs: Any) -> Any:

@@ -24,6 +24,25 @@ def save_dtype(plan: Any) -> torch.dtype:
     return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
 
 
+def cast_folder(folder: Path, dtype: torch.dtype) -> None:
+    """Rewrite a saved model's floating-point weights (and its config) in `dtype`."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    for path in sorted(folder.glob("*.safetensors")):
+        tensors = {
+            k: v.to(dtype) if v.is_floating_point() else v for k, v in load_file(path).items()
+        }
+        save_file(tensors, path, metadata={"format": "pt"})
+    config = folder / "config.json"
+    if config.is_file():
+        data = json.loads(config.read_text())
+        data["dtype"] = str(dtype).removeprefix("torch.")
+        data.pop("torch_dtype", None)
+        config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
 def write_outputs(
     plan: Any,
     trainer: Any,
@@ -32,25 +51,34 @@ def write_outputs(
     snapshots: Path,
     out: Path,
     *,
+    staging: Path,
     force: bool,
     command: str | None,
     result: Any,
 ) -> None:
+    """Write OUT. Called on every process: the weights go through `Trainer.save_model`, which
+    gathers sharded (FSDP, DeepSpeed ZeRO-3) weights; only the main process writes the rest."""
     from alloy.train.run import summary_json, write_json
 
+    trainer.save_model(str(staging))
+    if not trainer.is_world_process_zero():
+        return
     model = trainer.accelerator.unwrap_model(trainer.model)
     dtype = save_dtype(plan)
     with AtomicFolder(out, force=force) as tmp:
-        if dtype != torch.float32:
-            model.to(dtype)
-        model.save_pretrained(tmp)
+        for path in staging.iterdir():
+            if path.name != "training_args.bin":  # a pickle of TrainingArguments: not ours to ship
+                path.rename(tmp / path.name)
         plan.tokenizer.save_pretrained(tmp)
+        if dtype != torch.float32:
+            cast_folder(tmp, dtype)
         if averaging is not None:
             for name, averager in averaging.averagers.items():
                 if averager.count:
-                    averager.save_pretrained(
-                        model, tmp / f"averaged-{name}", tokenizer=plan.tokenizer
-                    )
+                    folder = tmp / f"averaged-{name}"
+                    averager.save_pretrained(model, folder, tokenizer=plan.tokenizer)
+                    if dtype != torch.float32:
+                        cast_folder(folder, dtype)
         if snapshots.is_dir():
             snapshots.rename(tmp / "snapshots")
         folder = tmp / "training"
@@ -142,8 +170,8 @@ def plot_curves(rows: list[dict[str, Any]], evals: list[dict[str, Any]], path: P
     fig, axes = plt.subplots(1, panels, figsize=(4.2 * panels, 3.4))
     steps = [r["step"] for r in rows]
     axes[0].plot(steps, [r["loss"] for r in rows], label="loss", lw=1)
-    for key in ("ce", "kd"):
-        if key in rows[0] and any(key in r for r in rows):
+    for key in ("ce", "kd") if "kd" in rows[0] else ():
+        if key in rows[0]:
             axes[0].plot(steps, [r.get(key, math.nan) for r in rows], label=key, lw=1)
     axes[0].set_xlabel("step")
     axes[0].set_ylabel("training loss (nats / target)")

@@ -88,7 +88,8 @@ def train(
     out = Path(out)
     run_dir = checkpoints_folder(out)
     _check_outputs(loaded, out, run_dir, resume=resume, force=force)
-    plan = plan_training(loaded, say=say)
+    with _main_process_first():  # the others then read the data from the token cache
+        plan = plan_training(loaded, say=say)
     eval_sets = _eval_sets(loaded)
     if loaded.spec.teacher is not None:
         _check_teacher_tokenizer(loaded, plan.tokenizer)
@@ -105,6 +106,19 @@ def train(
         on_row=on_row,
         command=command,
     )
+
+
+def _main_process_first() -> Any:
+    """Under a multi-process launch, the main process goes first (accelerate's state)."""
+    import contextlib
+
+    from alloy.train.plan import world_size
+
+    if world_size() == 1:
+        return contextlib.nullcontext()
+    from accelerate import PartialState
+
+    return PartialState().main_process_first()
 
 
 def _check_outputs(recipe: Recipe, out: Path, run_dir: Path, *, resume: bool, force: bool) -> None:
@@ -334,23 +348,24 @@ def _run(
         seconds=metrics.elapsed,
         metrics=metrics.rows,
     )
-    if main:
-        from alloy.train.outputs import write_outputs
+    from alloy.train.outputs import write_outputs
 
-        write_outputs(
-            plan,
-            trainer,
-            metrics,
-            averaging,
-            snapshots,
-            out,
-            force=force,
-            command=command,
-            result=result,
-        )
+    write_outputs(
+        plan,
+        trainer,
+        metrics,
+        averaging,
+        snapshots,
+        out,
+        staging=run_dir / "final",
+        force=force,
+        command=command,
+        result=result,
+    )
+    trainer.accelerator.wait_for_everyone()
+    if main:
         shutil.rmtree(run_dir, ignore_errors=True)
         say(f"wrote {out}")
-    trainer.accelerator.wait_for_everyone()
     return result
 
 
