@@ -630,12 +630,13 @@ def section_ratatouille(payload: dict[str, Any]) -> str:
         results["ratatouille (uniform soup of those 3)"],
     )
     soup_ood, rat_ood = pooled_perplexity(soup, others), pooled_perplexity(rat, others)
+    rat_in, soup_in = rat[target]["perplexity"], soup[target]["perplexity"]
+    in_cost = "no loss" if rat_in <= soup_in else f"a loss of {rat_in / soup_in - 1:.1%}"
     lines += [
         "",
         f"Out of distribution: ratatouille {rat_ood:.2f} vs the plain soup {soup_ood:.2f} "
         f"({'better' if rat_ood < soup_ood else 'not better'}); in distribution "
-        f"{rat[target]['perplexity']:.2f} vs {soup[target]['perplexity']:.2f} "
-        f"({'no loss' if rat[target]['perplexity'] <= soup[target]['perplexity'] else 'a loss of ' + format(rat[target]['perplexity'] / soup[target]['perplexity'] - 1, '.1%')}).",
+        f"{rat_in:.2f} vs {soup_in:.2f} ({in_cost}).",
     ]
     return "\n".join(lines)
 
