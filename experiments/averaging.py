@@ -2,10 +2,11 @@
 
     python experiments/averaging.py --preset experiment
 
-Fine-tunes the lab family's small base on one domain (default fiction) with transformers'
-Trainer at a constant learning rate after a short warm-up (the regime where averaging is meant to
-help: the raw weights keep bouncing), with `AveragingCallback` keeping an EMA and a LaWA average.
-At every saved step the raw checkpoint and both averages are scored on the domain's validation
+Fine-tunes the lab family's small base on one domain (default fiction) with `alloy train` at a
+constant learning rate after a short warm-up (the regime where averaging is meant to help: the raw
+weights keep bouncing), the recipe's `averaging:` keeping an EMA and a LaWA average and
+`snapshots:` saving the raw weights and both averages every `--save-every` steps. At every
+snapshot the raw checkpoint and both averages are scored on the domain's validation
 split (perplexity, lower is better). Writes docs/results.md (section `averaging`), a plot under
 docs/img/ and the raw numbers under experiments/results/.
 """
@@ -41,75 +42,56 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
-    import numpy as np
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
-
-    from alloy.average import AveragingCallback
     from alloy.eval import EvalSettings, evaluate, load_eval_sets, load_scorer
     from alloy.lab.family import build_family
     from alloy.lab.presets import PRESETS
-    from alloy.lab.tokens import PackedBlocks
+    from alloy.train import train
 
     quiet()
     preset = PRESETS[args.preset]
     build_family(args.root, args.preset, on_event=print)
     family = args.root / "family" / args.preset
-    tokenizer = AutoTokenizer.from_pretrained(family / "tokenizer")
-    stream = np.asarray(np.load(family / "tokens" / f"{args.domain}.npy", mmap_mode="r"))
-    data = PackedBlocks([stream], preset.seq_len, args.steps * preset.batch, args.seed)
     sets = load_eval_sets([args.root / "corpus" / args.domain / "validation.jsonl"])
     settings = EvalSettings(
         window=preset.seq_len, stride=preset.seq_len // 2, batch_size=16, max_tokens=args.max_tokens
     )
-
-    torch.manual_seed(args.seed)
-    model = AutoModelForCausalLM.from_pretrained(family / "small" / "base", dtype=torch.float32)
+    recipe = {
+        "name": f"averaging along a {args.domain} fine-tune",
+        "objective": "causal_lm",
+        "model": str(family / "small" / "base"),
+        "data": [{"name": args.domain, "corpus": args.domain}],
+        "lab": str(args.root),
+        "schedule": {"name": "constant", "lr": args.lr, "warmup": 10},
+        "optimizer": {
+            "name": "adamw",
+            "weight_decay": 0.1,
+            "betas": [0.9, 0.95],
+            "max_grad_norm": 1.0,
+        },
+        "averaging": {
+            "ema": {"decay": args.ema_decay},
+            "lawa": {"k": args.lawa_k, "every": args.lawa_every},
+        },
+        "snapshots": {"every": args.save_every},
+        "max_steps": args.steps,
+        "batch_size": preset.batch,
+        "sequence_length": preset.seq_len,
+        "seed": args.seed,
+        "log_every": args.save_every,
+    }
     rows: list[dict[str, Any]] = []
-    t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(dir=args.root) as tmp:
-        run = Path(tmp)
-        callback = AveragingCallback(
-            {
-                "ema": {"decay": args.ema_decay},
-                "lawa": {"k": args.lawa_k, "every": args.lawa_every},
-            },
-            tokenizer=tokenizer,
-        )
-        trainer = Trainer(
-            model=model,
-            args=TrainingArguments(
-                output_dir=str(run),
-                max_steps=args.steps,
-                per_device_train_batch_size=preset.batch,
-                learning_rate=args.lr,
-                lr_scheduler_type="constant_with_warmup",
-                warmup_steps=10,
-                weight_decay=0.1,
-                adam_beta2=0.95,
-                max_grad_norm=1.0,
-                save_strategy="steps",
-                save_steps=args.save_every,
-                save_only_model=True,
-                logging_steps=args.save_every,
-                report_to=[],
-                seed=args.seed,
-                use_cpu=not torch.cuda.is_available(),
-                disable_tqdm=True,
-            ),
-            train_dataset=data,
-            processing_class=tokenizer,
-            callbacks=[callback],
-        )
-        trainer.train()
+        out = Path(tmp) / "run"
+        t0 = time.perf_counter()
+        train(recipe, out)
         train_s = time.perf_counter() - t0
         for step in range(args.save_every, args.steps + 1, args.save_every):
-            checkpoint = run / f"checkpoint-{step}"
+            snapshot = out / "snapshots" / f"checkpoint-{step}"
             row: dict[str, Any] = {"step": step}
             for name, path in (
-                ("raw", checkpoint),
-                ("ema", checkpoint / "averaged-ema"),
-                ("lawa", checkpoint / "averaged-lawa"),
+                ("raw", snapshot),
+                ("ema", snapshot / "averaged-ema"),
+                ("lawa", snapshot / "averaged-lawa"),
             ):
                 scores = evaluate(load_scorer(path), sets, settings)
                 row[name] = next(iter(scores.values()))["perplexity"]

@@ -5,11 +5,11 @@
 DExperts (Liu et al. 2021, https://arxiv.org/abs/2105.03023) steers a base model at decode time
 with `logits = base + alpha * (expert - anti_expert)`. This module builds the two experts from the
 lab family's base: one fine-tuned on the fine-food reviews labelled "great" (5 stars), one on
-those labelled "other", with the lab's own `_train` (same Trainer settings as the family's domain
-experts, the preset's expert stage, no trajectory). It also builds the judge that the steering
-experiment scores generations with: a hashed bag-of-words logistic regression that shares nothing
-with the language models (no tokenizer, no weights), so steering cannot "fool" it by exploiting the
-experts' own quirks.
+those labelled "other", with the lab's `train_job` (the `alloy train` recipe of the family's
+domain experts, the preset's expert stage, no trajectory). It also builds the judge that the
+steering experiment scores generations with: a hashed bag-of-words logistic regression that shares
+nothing with the language models (no tokenizer, no weights), so steering cannot "fool" it by
+exploiting the experts' own quirks.
 
 Outputs: `<root>/family/<preset>/reviews/<size>/{great,other}/`, complete model folders (weights,
 config, tokenizer) with `alloy-review-job.json` recording the recipe hash, loss and seconds; a
@@ -73,12 +73,10 @@ def train_review_experts(
     Raises:
         CheckpointError: the base or tokenizer of the family is missing (build it first).
     """
-    import numpy as np
     from transformers import AutoTokenizer
 
-    from alloy.lab.family import Job, _train
+    from alloy.lab.family import Job, train_job
     from alloy.lab.presets import PRESETS
-    from alloy.lab.tokens import encode_records
 
     if preset not in PRESETS:
         raise InputError(
@@ -101,8 +99,8 @@ def train_review_experts(
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     texts, labels = read_reviews(data)
     data_sha = _sha256([data])
-    tokenizer: Any = None  # loaded, and the texts tokenised, only when something needs training
-    streams: dict[str, np.ndarray] = {}
+    tokenizer: Any = None  # loaded, and the label files written, only when something trains
+    by_label = home / "reviews" / "data"
     out: dict[str, Path] = {}
     for size in sizes:
         parent_sha = _sha256(sorted(bases[size].glob("*.safetensors")))
@@ -121,10 +119,9 @@ def train_review_experts(
             if done.get("key") != key or not (folder / "config.json").is_file():
                 if tokenizer is None:
                     tokenizer = AutoTokenizer.from_pretrained(home / "tokenizer")
-                    for name in LABELS:  # each review followed by EOS, as the family's streams
-                        chosen = (t for t, lab in zip(texts, labels, strict=True) if lab == name)
-                        streams[name] = encode_records(tokenizer, chosen)
-                result = _train(job, spec, home, tokenizer, streams, device)
+                    _write_label_files(by_label, texts, labels)
+                files = [{"name": label, "path": str(by_label / f"{label}.jsonl")}]
+                result = train_job(job, spec, root, tokenizer, device, data=files)
                 done = {"key": key, "recipe": recipe, **result}
                 tmp = marker.with_suffix(".tmp")
                 tmp.write_text(json.dumps(done, indent=2) + "\n")
@@ -135,6 +132,19 @@ def train_review_experts(
             print(f"{job.name}: loss {done['final_loss']:.3f} in {done['seconds']:.0f}s ({status})")
             out[f"{size}/{label}"] = folder
     return out
+
+
+def _write_label_files(folder: Path, texts: list[str], labels: list[str]) -> None:
+    """One JSONL file of `{"text"}` records per label: the training data of each expert (alloy
+    train packs them with EOS between reviews, as the family's domains)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in LABELS:
+        rows = [
+            json.dumps({"text": t}) for t, lab in zip(texts, labels, strict=True) if lab == name
+        ]
+        tmp = folder / f"{name}.jsonl.tmp"
+        tmp.write_text("\n".join(rows) + "\n", encoding="utf-8")
+        tmp.replace(folder / f"{name}.jsonl")
 
 
 def _sha256(paths: Sequence[Path]) -> str:

@@ -12,7 +12,7 @@ import torch
 from alloy.lab import corpus
 from alloy.lab.corpus import assign_split, chunk_text, quiz_tasks, split_chunks
 from alloy.lab.presets import Preset, Size, Stage
-from alloy.lab.tokens import PackedBlocks, encode_records, train_tokenizer
+from alloy.lab.tokens import train_tokenizer
 
 WORDS = {
     "drama": "thou art my lord and the king doth speak to thee",
@@ -72,19 +72,12 @@ def test_quiz_tasks_have_the_answer_once() -> None:
         assert pref["rejected"] != pref["chosen"]
 
 
-def test_tokenizer_round_trips_and_packs() -> None:
+def test_tokenizer_round_trips() -> None:
     texts = [t for _, _, t in _docs("drama", 2) + _docs("technical", 2)]
     tokenizer = train_tokenizer(texts, vocab_size=300)
     sample = "thou art the function \u00e9\u4e2d!"  # unseen bytes still encode (byte-level)
     ids = tokenizer(sample, add_special_tokens=False)["input_ids"]
     assert tokenizer.decode(ids) == sample
-    stream = encode_records(tokenizer, ["ab", "cd"])
-    assert stream[-1] == tokenizer.eos_token_id and (stream == tokenizer.eos_token_id).sum() == 2
-    blocks = PackedBlocks([np.arange(100), np.arange(1000, 1050)], seq_len=8, count=6, seed=0)
-    assert [int(blocks[i]["input_ids"][0] >= 1000) for i in range(6)] == [0, 1, 0, 1, 0, 1]
-    assert torch.equal(blocks[2]["input_ids"], blocks[2]["labels"])
-    with pytest.raises(ValueError):
-        PackedBlocks([np.arange(5)], seq_len=8, count=1, seed=0)
 
 
 MICRO = Preset(

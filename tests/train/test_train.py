@@ -75,6 +75,15 @@ def test_cli_trains_and_writes_a_complete_folder(
     assert not torch.equal(model.lm_head.weight, start.lm_head.weight)
     assert AutoModelForCausalLM.from_pretrained(out / "averaged-ema") is not None
     assert sorted(p.name for p in (out / "snapshots").iterdir()) == ["checkpoint-3", "checkpoint-6"]
+    # each snapshot holds the average as it stood at its step: the last one is the final average
+    at_3, at_6 = (out / "snapshots" / f"checkpoint-{n}" for n in (3, 6))
+    final_ema = AutoModelForCausalLM.from_pretrained(out / "averaged-ema").lm_head.weight
+    assert torch.equal(
+        AutoModelForCausalLM.from_pretrained(at_6 / "averaged-ema").lm_head.weight, final_ema
+    )
+    ema_3 = AutoModelForCausalLM.from_pretrained(at_3 / "averaged-ema").lm_head.weight
+    raw_3 = AutoModelForCausalLM.from_pretrained(at_3).lm_head.weight
+    assert not torch.equal(ema_3, raw_3) and not torch.equal(ema_3, final_ema)
     rows = _metrics(out)
     assert [int(r["step"]) for r in rows] == list(range(1, 7))
     assert int(rows[-1]["tokens_total"]) == 6 * 4 * 32

@@ -12,9 +12,6 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
-import torch
-
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
 
@@ -47,59 +44,6 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenize
     )
     wrapped.chat_template = CHAT_TEMPLATE
     return wrapped
-
-
-def encode_records(
-    tokenizer: PreTrainedTokenizerFast, texts: Iterable[str], batch: int = 256
-) -> np.ndarray:
-    """Token ids of `texts`, each followed by EOT, concatenated into one uint16/uint32 array."""
-    eot = tokenizer.convert_tokens_to_ids(EOT)
-    dtype = np.uint16 if len(tokenizer) <= 2**16 else np.uint32
-    parts: list[np.ndarray] = []
-    buffer: list[str] = []
-
-    def flush() -> None:
-        for ids in tokenizer(buffer, add_special_tokens=False)["input_ids"]:
-            parts.append(np.asarray([*ids, eot], dtype=dtype))
-        buffer.clear()
-
-    for text in texts:
-        buffer.append(text)
-        if len(buffer) == batch:
-            flush()
-    if buffer:
-        flush()
-    return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
-
-
-class PackedBlocks(torch.utils.data.Dataset[dict[str, torch.Tensor]]):
-    """`count` training blocks of `seq_len` tokens cut from token streams at seeded offsets.
-
-    With several streams (domains), block `i` comes from stream `i % len(streams)`, so a mixture
-    has equal tokens per domain whatever the domains' sizes; offsets are uniform in each stream
-    (the nanoGPT sampler), drawn once from `seed` so an epoch is reproducible.
-    """
-
-    def __init__(self, streams: list[np.ndarray], seq_len: int, count: int, seed: int) -> None:
-        short = [i for i, s in enumerate(streams) if len(s) <= seq_len]
-        if short or not streams:
-            raise ValueError(f"streams {short} are shorter than one block of {seq_len} tokens")
-        self.streams = streams
-        self.seq_len = seq_len
-        generator = np.random.default_rng(seed)
-        self.offsets = [
-            int(generator.integers(0, len(streams[i % len(streams)]) - seq_len))
-            for i in range(count)
-        ]
-
-    def __len__(self) -> int:
-        return len(self.offsets)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        stream = self.streams[i % len(self.streams)]
-        start = self.offsets[i]
-        ids = torch.from_numpy(stream[start : start + self.seq_len].astype(np.int64))
-        return {"input_ids": ids, "labels": ids}
 
 
 def iter_texts(paths: Iterable[Path], max_chars: int | None = None) -> Iterator[str]:

@@ -329,7 +329,7 @@ def _run(
     snapshots = run_dir / "snapshots"
     if spec.snapshots.every:
         trainer.add_callback(
-            SnapshotCallback(trainer, snapshots, spec.snapshots.every, plan.tokenizer)
+            SnapshotCallback(trainer, snapshots, spec.snapshots.every, plan.tokenizer, averaging)
         )
     trainer.add_callback(CheckpointCompleteCallback())  # last: after every state is saved
     checkpoint = _latest_checkpoint(run_dir) if resume else None

@@ -253,10 +253,23 @@ class EvalCallback(TrainerCallback):
 
 
 class SnapshotCallback(TrainerCallback):
-    """Model-only Hugging Face folders every `every` steps (for averaging along training)."""
+    """Model-only Hugging Face folders every `every` steps (for averaging along training).
 
-    def __init__(self, trainer: AlloyTrainer, folder: Path, every: int, tokenizer: Any) -> None:
+    With `averaging` (the run's `AveragingCallback`, added before this one so its averages are
+    already updated for the step), each snapshot also holds `averaged-<name>/`: every weight
+    average as it stood at that step, a complete model folder.
+    """
+
+    def __init__(
+        self,
+        trainer: AlloyTrainer,
+        folder: Path,
+        every: int,
+        tokenizer: Any,
+        averaging: Any = None,
+    ) -> None:
         self.trainer, self.folder, self.every, self.tokenizer = trainer, folder, every, tokenizer
+        self.averaging = averaging
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if state.global_step % self.every or not state.is_world_process_zero:
@@ -267,6 +280,11 @@ class SnapshotCallback(TrainerCallback):
         with AtomicFolder(self.folder / f"checkpoint-{state.global_step}", force=True) as tmp:
             model.save_pretrained(tmp)
             self.tokenizer.save_pretrained(tmp)
+            for name, averager in getattr(self.averaging, "averagers", {}).items():
+                if averager.count:
+                    averager.save_pretrained(
+                        model, tmp / f"averaged-{name}", tokenizer=self.tokenizer
+                    )
 
 
 class CheckpointCompleteCallback(TrainerCallback):

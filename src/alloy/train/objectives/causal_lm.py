@@ -20,12 +20,12 @@ class CausalLM:
 
     def loss(self, model: Any, batch: dict[str, torch.Tensor]) -> LossParts:
         logits = model(**model_inputs(batch)).logits  # (B, T, V)
-        labels = batch["labels"][:, 1:]  # (B, T-1)
+        # Shift the labels, not the logits: position t predicts label t + 1 and the last
+        # position predicts nothing (-100). Slicing logits[:, :-1] would copy (B, T-1, V) in the
+        # forward pass and again in the backward.
+        labels = torch.nn.functional.pad(batch["labels"][:, 1:], (0, 1), value=-100)  # (B, T)
         total = torch.nn.functional.cross_entropy(
-            logits[:, :-1].flatten(0, 1).float(),
-            labels.flatten(),
-            ignore_index=-100,
-            reduction="sum",
+            logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="sum"
         )
         count = (labels != -100).sum()
         return LossParts(total, count, {"ce": total.detach()})
