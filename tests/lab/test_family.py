@@ -141,6 +141,16 @@ def test_build_family_trains_saves_and_reuses(tmp_path: Path) -> None:
     again = build_family(tmp_path, MICRO, seed=0)
     assert (home / "small" / "base" / "model.safetensors").stat().st_mtime_ns == stamp
     assert again["models"]["small/base"]["key"] == record["models"]["small/base"]["key"]
+    # Retuning the large base retrains it and its children only.
+    from dataclasses import replace
+
+    retuned = replace(
+        MICRO, pretrain={**MICRO.pretrain, "large": replace(MICRO.pretrain["large"], lr=2e-3)}
+    )
+    third = build_family(tmp_path, retuned, seed=0)
+    assert (home / "small" / "base" / "model.safetensors").stat().st_mtime_ns == stamp
+    changed = {n for n in names if third["models"][n]["key"] != record["models"][n]["key"]}
+    assert changed == {n for n in names if n.startswith("large/")}
 
 
 def test_demo_merges_and_scores_every_model(tmp_path: Path) -> None:
@@ -158,6 +168,7 @@ def test_demo_merges_and_scores_every_model(tmp_path: Path) -> None:
         "merge:ties",
         "soup:greedy-fiction",
         "large base",
+        "train:distill-experts",
         "ensemble:proxy-fiction",
     ]
     for row in rows.values():
@@ -169,7 +180,14 @@ def test_demo_merges_and_scores_every_model(tmp_path: Path) -> None:
         "task_arithmetic.yaml",
         "ties.yaml",
         "proxy-fiction.yaml",
+        "experts-mixture.yaml",
+        "distill-experts.yaml",
     }
+    # the student learnt from the experts' mixture: better than the base it started from
+    assert (
+        rows["train:distill-experts"]["overall"]["perplexity"]
+        < rows["base"]["overall"]["perplexity"]
+    )
     assert [s["prompt"] for s in payload["proxy_samples"]] == ["It was a", "She said that"]
     assert (out / "samples.jsonl").is_file()
     assert "| merge:ties |" in (out / "perplexity.md").read_text()

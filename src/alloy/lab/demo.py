@@ -4,8 +4,10 @@ This is the README's first command. It shows the product's main loop on real tex
 (small) models: four domain experts fine-tuned from one base are combined by three merge recipes
 (uniform soup, task arithmetic, TIES), the fine-tunes of one domain are combined by a greedy soup
 (selected on that domain's validation split), the large base is proxy-tuned at decode time by
-the small expert / base pair of that domain (an ensemble recipe), and the bases, every expert,
-every merge, the soup and the ensemble are scored on every domain's test split. The table, the
+the small expert / base pair of that domain (an ensemble recipe), the mixture of the small
+experts is distilled into the small base with `alloy train` (an ensemble teacher), and the
+bases, every expert, every merge, the soup, the ensemble and the distilled model are scored on
+every domain's test split. The table, the
 recipes, the raw JSON, a plot and sampled continuations of the ensemble land in `out`.
 """
 
@@ -55,6 +57,39 @@ def demo_recipes(
     }
 
 
+def distill_recipe(
+    family: Path, domains: list[str], preset: Preset, root: Path, recipes: Path, seed: int
+) -> dict[str, Any]:
+    """The `alloy train` recipe distilling the linear mixture of the small experts into the
+    small base; the teacher's ensemble recipe and this recipe are written to `recipes`."""
+    mixture = {
+        "rule": "linear",
+        "members": [
+            {"model": str(family / "small" / "experts" / d), "weight": 1 / len(domains)}
+            for d in domains
+        ],
+    }
+    teacher = recipes / "experts-mixture.yaml"
+    teacher.write_text(yaml.safe_dump(mixture, sort_keys=False))
+    stage = preset.expert["small"]
+    recipe = {
+        "name": "demo: the experts' mixture distilled into the small base",
+        "objective": "distill",
+        "model": str(family / "small" / "base"),
+        "teacher": {"model": str(teacher), "loss": "forward_kl", "alpha": 0.5},
+        "data": [{"name": d, "corpus": d} for d in domains],
+        "lab": str(root),
+        "schedule": {"name": "cosine", "lr": stage.lr, "warmup": stage.warmup},
+        "optimizer": {"name": "adamw", "weight_decay": 0.1, "betas": [0.9, 0.95]},
+        "max_steps": stage.steps * 2,
+        "batch_size": preset.batch,
+        "sequence_length": preset.seq_len,
+        "seed": seed,
+    }
+    (recipes / "distill-experts.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return recipe
+
+
 def run_demo(
     root: Path,
     out: Path,
@@ -68,6 +103,7 @@ def run_demo(
     from alloy.io.atomic import AtomicFolder
     from alloy.merge.api import merge
     from alloy.soup import make_soup
+    from alloy.train import train
 
     t0 = time.perf_counter()
     settings = PRESETS[preset] if isinstance(preset, str) and preset in PRESETS else preset
@@ -128,6 +164,15 @@ def run_demo(
         (tmp / "recipes" / f"proxy-{domain}.yaml").write_text(recipe_text)
         models["large base"] = family / "large" / "base"
         scorers: dict[str, Any] = {f"ensemble:proxy-{domain}": Ensemble.from_recipe(proxy)}
+
+        # Distillation with alloy train: the small base learns from the mixture of its four
+        # experts (an ensemble teacher) on all four domains, one model instead of a merge.
+        t = time.perf_counter()
+        say("distilling the mixture of the experts into the small base (alloy train)")
+        distilled = tmp / "train" / "distill-experts"
+        train(distill_recipe(family, domains, settings, root, tmp / "recipes", seed), distilled)
+        models["train:distill-experts"] = distilled
+        timings["train_s"] = time.perf_counter() - t
 
         t = time.perf_counter()
         sets = load_eval_sets([corpus / d / "test.jsonl" for d in domains])

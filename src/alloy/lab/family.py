@@ -52,10 +52,19 @@ class Job:
     stage: Stage
     seed: int
 
-    def key(self, preset: Preset, seed: int) -> str:
+    def key(self, preset: Preset, seed: int, parent_key: str | None = None) -> str:
+        """What the model depends on: the job, the preset's shared settings and its size, the
+        parent's own key, the family seed and the trainer. Another model's stage is not in it,
+        so retuning the large base leaves the small models cached."""
+        shared = {
+            k: v
+            for k, v in preset.describe().items()
+            if k in ("vocab_size", "seq_len", "batch", "gpu_batch", "tokenizer_chars")
+        }
         recipe = {
             "job": asdict(self),
-            "preset": preset.describe(),
+            "preset": {**shared, "size": asdict(preset.sizes[self.size])},
+            "parent": parent_key,
             "family_seed": seed,
             "trainer": TRAINER,
         }
@@ -148,8 +157,9 @@ def build_family(
     record.update({"preset": preset.describe(), "seed": seed, "root": str(root.absolute())})
 
     tokenizer = _tokenizer(root, home, preset, list(manifest["domains"]), say)
+    keys: dict[str, str] = {}
     for job in plan_jobs(preset, seed):
-        key = job.key(preset, seed)
+        key = keys[job.name] = job.key(preset, seed, keys.get(job.parent or ""))
         out = home / job.name
         if record["models"].get(job.name, {}).get("key") == key and (out / "config.json").is_file():
             continue

@@ -39,7 +39,9 @@ Number = float | int
 Precision = Literal["fp32", "bf16", "fp16"]
 Split = Literal["train", "validation", "test"]
 DataKind = Literal["auto", "text", "completion", "messages"]
-OPTIMIZERS = {"adamw": "adamw_torch", "sgd": "sgd", "adafactor": "adafactor"}
+# AdamW is torch's fused kernel (CPU and CUDA), a bare Trainer's default: the same update as
+# the per-tensor loop, in one pass over the parameters.
+OPTIMIZERS = {"adamw": "adamw_torch_fused", "sgd": "sgd", "adafactor": "adafactor"}
 DEFAULT_LAB = "runs/lab"
 
 
