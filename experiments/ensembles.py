@@ -246,15 +246,17 @@ def report(p: dict[str, Any]) -> str:
         closed = [r["gap closed"] for r in p["proxy"].values()]
         wins = sum(r["proxy-tuned large"] <= r["large expert"] for r in p["proxy"].values())
         beats_small = sum(r["proxy-tuned large"] < r["small expert"] for r in p["proxy"].values())
+        small_better = sum(r["small expert"] < r["large expert"] for r in p["proxy"].values())
+        base_better = sum(r["large base"] < r["small base"] for r in p["proxy"].values())
         lines += [
             "",
             f"Gap closed = (large base - proxy) / (large base - large expert), in perplexity: "
             f"{100 * min(closed):.0f}% to {100 * max(closed):.0f}% "
             f"(mean {100 * sum(closed) / len(closed):.0f}%; the paper reports about 88-91% on its "
             f"benchmarks). Above 100% the proxy-tuned large model beats the large model fine-tuned "
-            f"directly ({wins} of {len(closed)} domains): possible here because the small expert "
-            "is better than the large one, the experiment preset's large base being undertrained "
-            "(see the lab section). The proxy-tuned large model beats the small expert that "
+            f"directly ({wins} of {len(closed)} domains). The large base beats the small base on "
+            f"{base_better} of {len(closed)} domains and the small expert beats the large expert "
+            f"on {small_better}. The proxy-tuned large model beats the small expert that "
             f"steers it on {beats_small} of {len(closed)} domains.",
         ]
     if "mixtures" in p:
