@@ -222,6 +222,49 @@ def test_distill_from_a_model_with_and_without_the_top_k_cache(
     assert any("from the cache" in m for m in messages)
 
 
+@pytest.mark.parametrize("top_k, temperature", [(None, 1.0), (8, 2.0)])
+def test_distill_loss_on_whole_rows_equals_the_loss_on_gathered_targets(
+    tiny_root: Path, data_dir: Path, top_k: int | None, temperature: float
+) -> None:
+    """Packed rows (every position a target) take the no-copy path over (B, T, V); a batch with
+    an ignored label takes the gathered (N, V) path. Both equal the per-token losses summed by
+    hand over the (B, T-1) targets."""
+    from types import SimpleNamespace
+
+    from alloy.train.losses import SparseTeacher, distillation_loss, shift_for_next_token
+    from alloy.train.objectives.distill import Distill
+    from alloy.train.packing import Collator
+    from alloy.train.teacher import load_teacher
+
+    student = AutoModelForCausalLM.from_pretrained(tiny_root / "llama", dtype=torch.float32)
+    teacher = load_teacher(
+        str(tiny_root / "mistral"), device=torch.device("cpu"), dtype="float32", vocab=128
+    )
+    settings = SimpleNamespace(
+        alpha=0.3, loss="forward_kl", temperature=temperature, beta=0.5, top_k=top_k
+    )
+    objective = Distill(teacher, None, settings, vocab=128)
+    plan = plan_training(load_train_recipe(_recipe(tiny_root / "llama", data_dir)))
+    packed = Collator(0)([plan.rows[i] for i in range(3)])
+    holed = {**packed, "labels": packed["labels"].clone()}
+    holed["labels"][0, 5:9] = -100
+    for batch in (packed, holed):
+        with torch.no_grad():
+            parts = objective.loss(student, batch)
+            logits = student(input_ids=batch["input_ids"]).logits
+            s, targets, mask = shift_for_next_token(logits, batch["labels"])
+            t: Any = teacher.scores(batch)[:, :-1][mask]
+            if top_k:
+                top = torch.log_softmax(t, dim=-1).topk(top_k, dim=-1)
+                t = SparseTeacher(top.values, top.indices)
+            loss, kd, _ = distillation_loss(
+                s, targets, t, alpha=0.3, temperature=temperature, kind="forward_kl"
+            )
+        assert int(parts.count) == int(mask.sum())
+        torch.testing.assert_close(parts.total, loss.sum(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(parts.metrics["kd"], kd.sum(), rtol=1e-5, atol=1e-5)
+
+
 def test_ensemble_teacher_targets_are_the_ensembles_scores(
     tiny_root: Path, data_dir: Path, tmp_path: Path
 ) -> None:

@@ -1,8 +1,9 @@
 """Training losses: pure tensor functions, per token, for the objectives to sum and normalise.
 
-Every function returns one loss per row of its (N, V) inputs (N scored tokens), unreduced, so an
-objective can mask, sum over a gradient-accumulation window and divide by the number of tokens
-across processes (the exact token mean, whatever the padding and the batch split).
+Every function returns one loss per row of its (..., V) inputs (one per scored token),
+unreduced, so an objective can mask, sum over a gradient-accumulation window and divide by the
+number of tokens across processes (the exact token mean, whatever the padding and the batch
+split). Inputs may be views: a (B, T-1, V) slice of a batch's logits is scored without a copy.
 
 Distillation divergences compare the teacher's distribution P with the student's Q, both
 softened by a temperature τ (logits / τ), and are multiplied by τ² so that their gradients keep
@@ -19,7 +20,7 @@ tokens and zero elsewhere; forward KL and JSD against that P are computed exactl
 outside the top k reduce to Q's remaining mass times -log(1 - β)). Reverse KL needs P everywhere
 Q is not zero and is refused with a sparse teacher.
 
-Shapes: N tokens, V vocabulary, k teacher tokens kept.
+Shapes: N tokens (any leading dimensions), V vocabulary, k teacher tokens kept.
 """
 
 from __future__ import annotations
@@ -35,9 +36,9 @@ DIVERGENCES: tuple[str, ...] = ("forward_kl", "reverse_kl", "jsd")
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """(N, V) logits, (N,) token ids -> (N,) negative log-likelihood in nats (fp32)."""
+    """(..., V) logits, (...) token ids -> (...) negative log-likelihood in nats (fp32)."""
     logprobs = torch.log_softmax(logits.float(), dim=-1)
-    return -logprobs.gather(-1, targets[:, None]).squeeze(-1)
+    return -logprobs.gather(-1, targets[..., None]).squeeze(-1)
 
 
 def shift_for_next_token(
@@ -61,7 +62,7 @@ class SparseTeacher:
 def _kl_terms(p_log: torch.Tensor, q_log: torch.Tensor) -> torch.Tensor:
     """Σ p (log p - log q) over the last axis, with 0 log 0 = 0."""
     p = p_log.exp()
-    return torch.where(p > 0, p * (p_log - q_log), torch.zeros_like(p)).sum(-1)
+    return torch.where(p > 0, p * (p_log - q_log), 0.0).sum(-1)
 
 
 def _forward_kl(p_log: torch.Tensor, q_log: torch.Tensor) -> torch.Tensor:
@@ -70,7 +71,7 @@ def _forward_kl(p_log: torch.Tensor, q_log: torch.Tensor) -> torch.Tensor:
     a fraction of the (N, V) temporaries in the graph (forward KL is the common case)."""
     with torch.no_grad():
         p = p_log.exp()
-        negentropy = torch.where(p > 0, p * p_log, torch.zeros_like(p)).sum(-1)
+        negentropy = torch.where(p > 0, p * p_log, 0.0).sum(-1)
     return negentropy - (p * q_log).sum(-1)
 
 
@@ -95,8 +96,14 @@ def distillation_divergence(
         (N,) fp32 divergences, >= 0.
     """
     tau = float(temperature)
-    q_log = torch.log_softmax(student_logits.float() / tau, dim=-1)  # (N, V)
+    q_log = torch.log_softmax(_soften(student_logits, tau), dim=-1)  # (N, V)
     return _divergence(q_log, teacher, kind, tau, beta)
+
+
+def _soften(logits: torch.Tensor, tau: float) -> torch.Tensor:
+    """fp32 logits / τ, without the (N, V) copy at τ = 1 for fp32 logits."""
+    logits = logits.float()
+    return logits if tau == 1.0 else logits / tau
 
 
 def _divergence(
@@ -106,12 +113,12 @@ def _divergence(
     if isinstance(teacher, SparseTeacher):
         if kind == "reverse_kl":
             raise ValueError("reverse_kl needs the teacher's full distribution, not its top k")
-        p_log = torch.log_softmax(teacher.logprobs.float() / tau, dim=-1)  # (N, k) renormalised
+        p_log = torch.log_softmax(_soften(teacher.logprobs, tau), dim=-1)  # (N, k) renormalised
         q_top = q_log.gather(-1, teacher.indices)  # (N, k)
         if kind == "forward_kl":
             return _forward_kl(p_log, q_top) * tau**2
         return _sparse_jsd(p_log, q_top, beta) * tau**2
-    p_log = torch.log_softmax(teacher.float() / tau, dim=-1)  # (N, V)
+    p_log = torch.log_softmax(_soften(teacher, tau), dim=-1)  # (N, V)
     if kind == "forward_kl":
         loss = _forward_kl(p_log, q_log)
     elif kind == "reverse_kl":
@@ -153,9 +160,9 @@ def distillation_loss(
     alpha = 0 plain language modelling (the teacher is then not needed at all).
     """
     logprobs = torch.log_softmax(student_logits.float(), dim=-1)  # (N, V)
-    ce = -logprobs.gather(-1, targets[:, None]).squeeze(-1)
+    ce = -logprobs.gather(-1, targets[..., None]).squeeze(-1)
     tau = float(temperature)
     # at τ = 1 the divergence's softened student is the same log-softmax: computed once
-    q_log = logprobs if tau == 1.0 else torch.log_softmax(student_logits.float() / tau, dim=-1)
+    q_log = logprobs if tau == 1.0 else torch.log_softmax(_soften(student_logits, tau), dim=-1)
     kd = _divergence(q_log, teacher, kind, tau, beta)
     return alpha * kd + (1 - alpha) * ce, kd, ce

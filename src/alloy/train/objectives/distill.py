@@ -22,7 +22,6 @@ from alloy.train.objectives.base import (
     ObjectiveContext,
     model_inputs,
     objective,
-    target_mask,
 )
 
 
@@ -36,15 +35,29 @@ class Distill:
     def loss(self, model: Any, batch: dict[str, torch.Tensor]) -> LossParts:
         s = self.settings
         logits = model(**model_inputs(batch)).logits  # (B, T, V')
-        mask = target_mask(batch)  # (B, T-1)
-        student = logits[:, :-1][mask][:, : self.vocab]  # (N, V)
-        targets = batch["labels"][:, 1:][mask]  # (N,)
+        # As in causal_lm, the labels are shifted, not the logits: position t predicts label
+        # t + 1 and the last position nothing. When every other position is a target (packed
+        # rows) the losses run on the whole (B, T, V) batch as it is and the last position is
+        # zeroed after; otherwise the target positions are gathered into (N, V) first. Either
+        # way no (B, T-1, V) copy is made of the student's or the teacher's scores.
+        labels = torch.nn.functional.pad(batch["labels"][:, 1:], (0, 1), value=-100)  # (B, T)
+        mask = labels != -100
+        dense = bool(mask[:, :-1].all())
+
+        def select(x: torch.Tensor) -> torch.Tensor:
+            return x if dense else x[mask]
+
+        student = select(logits)[..., : self.vocab]  # (B, T, V) or (N, V)
+        targets = select(labels.clamp(min=0))
         teacher: torch.Tensor | SparseTeacher
         if self.cache is not None:
-            values, ids = self.cache.lookup(batch["index"], mask.shape[1])  # (B, T-1, k)
-            teacher = SparseTeacher(values.to(student.device)[mask], ids.to(student.device)[mask])
+            values, ids = self.cache.lookup(batch["index"], mask.shape[1] - 1)  # (B, T-1, k)
+            last = (0, 0, 0, 1)  # one row for the last position, which predicts nothing
+            values = torch.nn.functional.pad(values, last).to(student.device)
+            ids = torch.nn.functional.pad(ids, last).to(student.device)
+            teacher = SparseTeacher(select(values), select(ids))
         else:
-            scores = self.teacher.scores(batch)[:, :-1].to(student.device)[mask]  # (N, V)
+            scores = select(self.teacher.scores(batch).to(student.device))
             if s.top_k:
                 top = torch.log_softmax(scores, dim=-1).topk(s.top_k, dim=-1)
                 teacher = SparseTeacher(top.values, top.indices)
@@ -59,6 +72,8 @@ class Distill:
             temperature=float(s.temperature),
             beta=float(s.beta),
         )
+        if dense:  # the last position predicts nothing (where, not a product: 0 * inf is nan)
+            loss, kd, ce = (torch.where(mask, x, 0.0) for x in (loss, kd, ce))
         metrics = {"kd": kd.sum().detach(), "ce": ce.sum().detach()}
         return LossParts(loss.sum(), mask.sum(), metrics)
 
