@@ -3,7 +3,7 @@
 Every function returns one loss per row of its (..., V) inputs (one per scored token),
 unreduced, so an objective can mask, sum over a gradient-accumulation window and divide by the
 number of tokens across processes (the exact token mean, whatever the padding and the batch
-split). Inputs may be views: a (B, T-1, V) slice of a batch's logits is scored without a copy.
+split). Inputs may have any leading dimensions: a batch's whole (B, T, V) logits need no copy.
 
 Distillation divergences compare the teacher's distribution P with the student's Q, both
 softened by a temperature τ (logits / τ), and are multiplied by τ² so that their gradients keep
@@ -37,7 +37,10 @@ DIVERGENCES: tuple[str, ...] = ("forward_kl", "reverse_kl", "jsd")
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """(..., V) logits, (...) token ids -> (...) negative log-likelihood in nats (fp32)."""
-    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    return _nll(torch.log_softmax(logits.float(), dim=-1), targets)
+
+
+def _nll(logprobs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return -logprobs.gather(-1, targets[..., None]).squeeze(-1)
 
 
@@ -160,7 +163,7 @@ def distillation_loss(
     alpha = 0 plain language modelling (the teacher is then not needed at all).
     """
     logprobs = torch.log_softmax(student_logits.float(), dim=-1)  # (N, V)
-    ce = -logprobs.gather(-1, targets[..., None]).squeeze(-1)
+    ce = _nll(logprobs, targets)
     tau = float(temperature)
     # at τ = 1 the divergence's softened student is the same log-softmax: computed once
     q_log = logprobs if tau == 1.0 else torch.log_softmax(_soften(student_logits, tau), dim=-1)

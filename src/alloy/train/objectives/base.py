@@ -82,6 +82,13 @@ def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, Any]:
     return inputs
 
 
+def shifted_labels(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(B, T) labels aligned with the logits: position t holds label t + 1, the last position
+    -100 (it predicts nothing). Shifting the labels, not the logits, spares a (B, T-1, V) copy
+    of the logits in the forward pass and again in the backward."""
+    return torch.nn.functional.pad(batch["labels"][:, 1:], (0, 1), value=-100)
+
+
 def target_mask(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """(B, T-1) True where position t's next token (t + 1) is a training target."""
     return batch["labels"][:, 1:] != -100

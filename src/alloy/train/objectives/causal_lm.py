@@ -12,6 +12,7 @@ from alloy.train.objectives.base import (
     ObjectiveContext,
     model_inputs,
     objective,
+    shifted_labels,
 )
 
 
@@ -20,10 +21,7 @@ class CausalLM:
 
     def loss(self, model: Any, batch: dict[str, torch.Tensor]) -> LossParts:
         logits = model(**model_inputs(batch)).logits  # (B, T, V)
-        # Shift the labels, not the logits: position t predicts label t + 1 and the last
-        # position predicts nothing (-100). Slicing logits[:, :-1] would copy (B, T-1, V) in the
-        # forward pass and again in the backward.
-        labels = torch.nn.functional.pad(batch["labels"][:, 1:], (0, 1), value=-100)  # (B, T)
+        labels = shifted_labels(batch)  # (B, T)
         total = torch.nn.functional.cross_entropy(
             logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="sum"
         )

@@ -22,6 +22,7 @@ from alloy.train.objectives.base import (
     ObjectiveContext,
     model_inputs,
     objective,
+    shifted_labels,
 )
 
 
@@ -35,12 +36,11 @@ class Distill:
     def loss(self, model: Any, batch: dict[str, torch.Tensor]) -> LossParts:
         s = self.settings
         logits = model(**model_inputs(batch)).logits  # (B, T, V')
-        # As in causal_lm, the labels are shifted, not the logits: position t predicts label
-        # t + 1 and the last position nothing. When every other position is a target (packed
-        # rows) the losses run on the whole (B, T, V) batch as it is and the last position is
-        # zeroed after; otherwise the target positions are gathered into (N, V) first. Either
-        # way no (B, T-1, V) copy is made of the student's or the teacher's scores.
-        labels = torch.nn.functional.pad(batch["labels"][:, 1:], (0, 1), value=-100)  # (B, T)
+        # When every position but the last is a target (packed rows) the losses run on the
+        # whole (B, T, V) batch as it is and the last position is zeroed after; otherwise the
+        # target positions are gathered into (N, V) first. Either way no (B, T-1, V) copy is
+        # made of the student's or the teacher's scores.
+        labels = shifted_labels(batch)  # (B, T)
         mask = labels != -100
         dense = bool(mask[:, :-1].all())
 
