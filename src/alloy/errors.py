@@ -64,6 +64,10 @@ class RecipeError(InputError):
     """A recipe is invalid; carries every problem found."""
 
 
+class NonFiniteError(InputError):
+    """A result (merged tensor, score, logits) holds NaN or infinity; nothing was kept."""
+
+
 class OutputExistsError(InputError):
     """The output folder exists and is not empty, and `force` was not given."""
 

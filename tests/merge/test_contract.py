@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 import types
-from typing import Any
+from typing import Annotated, Any
 
 import pytest
 import torch
@@ -19,6 +19,7 @@ from torch.testing import assert_close
 from alloy.merge import registry
 from alloy.merge.blocks import Elementwise
 from alloy.merge.registry import REQUIRED, MethodSpec, all_methods, merge_method
+from alloy.ranges import ANY
 
 METHODS = all_methods()
 NAMES = sorted(METHODS)
@@ -190,7 +191,7 @@ def _probe_module(monkeypatch: pytest.MonkeyPatch, stem: str) -> str:
 
 
 def test_registry_rejects_a_duplicate_name() -> None:
-    def linear(*, weight: list[float]) -> Elementwise:
+    def linear(*, weight: Annotated[list[float], ANY]) -> Elementwise:
         """Another linear."""
         return Elementwise(lambda block: block.models[0])
 
@@ -202,6 +203,20 @@ def test_registry_rejects_a_duplicate_name() -> None:
     with pytest.raises(ValueError, match="registered twice"):
         register(linear)
     assert registry.METHODS["linear"] is original
+
+
+def test_registry_rejects_a_number_parameter_without_a_range(monkeypatch: Any) -> None:
+    def bare(*, weight: list[float], scale: float = 1.0) -> Elementwise:
+        """A method whose scale has no declared range."""
+        return Elementwise(lambda block: block.models[0])
+
+    bare.__module__ = _probe_module(monkeypatch, "bare")
+    register = merge_method(
+        base="none", reference="https://example.org", per_model={"weight": REQUIRED}
+    )
+    with pytest.raises(ValueError, match="declares no range"):
+        register(bare)
+    assert "bare" not in registry.METHODS
 
 
 def test_registry_rejects_an_unannotated_parameter(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -220,7 +235,9 @@ def test_registry_rejects_an_unannotated_parameter(monkeypatch: pytest.MonkeyPat
 def test_registry_accepts_and_describes_a_valid_probe(monkeypatch: pytest.MonkeyPatch) -> None:
     """The same probe, annotated, registers; then it is removed again."""
 
-    def probe(*, share: list[float], alpha: float = 0.5) -> Elementwise:
+    def probe(
+        *, share: Annotated[list[float], ANY], alpha: Annotated[float, ANY] = 0.5
+    ) -> Elementwise:
         """A probe."""
         return Elementwise(lambda block: block.models[0] * alpha)
 

@@ -57,6 +57,7 @@ from alloy.average.staging import Stager, copy_
 from alloy.errors import InputError
 from alloy.io.atomic import AtomicFolder
 from alloy.io.sidefiles import TOKENIZER_FILES, side_files
+from alloy.io.writer import check_finite
 
 Tensors = list[torch.Tensor]
 
@@ -317,6 +318,7 @@ class WeightAverager:
             name: on_cpu.setdefault(id(t), t.to("cpu"))
             for name, t in self.averaged_state_dict().items()
         }
+        check_finite(state.items(), out, "the averaged weights hold NaN/Inf: so did a snapshot")
         with AtomicFolder(out, force=force) as tmp:
             model.save_pretrained(tmp, state_dict=state, **save_options)
             if isinstance(tokenizer, (str, os.PathLike)):

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from alloy.errors import AlloyError, CheckpointError, InputError
+from alloy.errors import AlloyError, CheckpointError, InputError, NonFiniteError
 from alloy.io.atomic import AtomicFolder
 from alloy.io.format import encode_header, nbytes_of
 from alloy.io.sidefiles import copy_side_files
@@ -187,6 +187,8 @@ class CheckpointWriter:
                 f"tensor {name!r}{where}: planned {spec.dtype}{list(spec.shape)}, "
                 f"got {tensor.dtype}{list(tensor.shape)}"
             )
+        if tensor.dtype.is_floating_point and not bool(torch.isfinite(tensor).all()):
+            raise_non_finite(name, tensor, self.out)
         row_bytes = spec.nbytes // spec.shape[0] if spec.shape and spec.shape[0] else spec.nbytes
         nbytes = spec.nbytes if row is None else tensor.shape[0] * row_bytes
         with self._lock:
@@ -283,3 +285,27 @@ def save_state_dict(
     except ValueError as exc:  # e.g. a dtype safetensors cannot store
         raise CheckpointError(f"{out}: {exc}") from exc
     return Path(out)
+
+
+def raise_non_finite(name: str, tensor: torch.Tensor, out: Path, why: str | None = None) -> None:
+    """Stop a write whose tensor `name` holds NaN or infinity, saying how many and why."""
+    nan = int(torch.isnan(tensor).sum())
+    inf = int(torch.isinf(tensor).sum())
+    counts = ", ".join(f"{n} {what}" for n, what in ((nan, "NaN"), (inf, "infinite")) if n)
+    why = why or (
+        "an input holds NaN/Inf, a parameter is extreme, or the values overflow the output "
+        "dtype: try out_dtype float32 or bfloat16"
+    )
+    raise NonFiniteError(
+        f"{out}: not written: tensor {name!r} came out with {counts} of {tensor.numel()} "
+        f"values ({why})"
+    )
+
+
+def check_finite(
+    tensors: Iterable[tuple[str, torch.Tensor]], out: str | os.PathLike[str], why: str
+) -> None:
+    """Raise NonFiniteError naming the first floating-point tensor holding NaN or infinity."""
+    for name, tensor in tensors:
+        if tensor.dtype.is_floating_point and not bool(torch.isfinite(tensor).all()):
+            raise_non_finite(name, tensor, Path(out), why)

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from alloy.errors import IncompatibleModelsError, ProblemCollector, RecipeError
+from alloy.errors import IncompatibleModelsError, InputError, ProblemCollector, RecipeError
 from alloy.io import Checkpoint, choose_donor
 from alloy.io.modelinfo import (
     INPUT_EMBEDDINGS,
@@ -165,6 +165,31 @@ def plan_merge(recipe: Recipe, *, allow_pickle: bool = False) -> MergePlan:
         jobs: list[TensorJob] = []
         layer_map: list[int] = []  # output layer -> donor-layout source layer (for config lists)
 
+        # Parameter values that are valid alone can be invalid together (weights summing to
+        # zero, DELLA's density +- epsilon): building the method's Merger checks them, here,
+        # before any tensor data is read. Each distinct message is reported once.
+        checked: dict[str, str | None] = {}
+        failures: dict[str, list[str]] = {}
+
+        def check_values(name: str, params: dict[str, Any], n_models: int) -> None:
+            values = [
+                v
+                for value in params.values()
+                for v in (value if isinstance(value, list) else [value])
+            ]
+            if any(v is REQUIRED for v in values):
+                return  # reported as missing
+            key = repr(sorted(params.items()))
+            if key not in checked:
+                try:
+                    method.make(n_models, **params)
+                    checked[key] = None
+                except InputError as exc:
+                    checked[key] = str(exc)
+            message = checked[key]
+            if message is not None:
+                failures.setdefault(message, []).append(name)
+
         def add(name: str, sources: dict[str, str], group: _Group, t: float) -> None:
             first = by_path[group.models[0] if group.models else str(group.base)]
             info = first.tensors[sources[group.models[0] if group.models else str(group.base)]]
@@ -217,6 +242,7 @@ def plan_merge(recipe: Recipe, *, allow_pickle: bool = False) -> MergePlan:
                 )
                 warnings.append(f"{name}: {info.dtype} tensor copied from {copy_from}, not merged")
                 return
+            check_values(name, params, len(group.models))
             base = Source(index[group.base], sources[group.base]) if group.base else None
             models = tuple(Source(index[m], sources[m]) for m in group.models)
             copy = (
@@ -264,6 +290,9 @@ def plan_merge(recipe: Recipe, *, allow_pickle: bool = False) -> MergePlan:
                 out_layer += 1
         for name in post:
             add(name, _same_name(name, last, by_path, problems), last, 0.0)
+        for message, names in failures.items():
+            more = f" (and {len(names) - 1} more tensors)" if len(names) > 1 else ""
+            problems.add(f"{names[0]}{more}", message)
         problems.raise_if_any(RecipeError, "the recipe cannot be applied to these models")
 
         config_updates = _config_updates(donor, layer_map, jobs, out_dtype_override)

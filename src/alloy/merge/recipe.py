@@ -407,7 +407,10 @@ def _scalar_problem(value: Scalar, param: Param) -> str | None:
         return f"{param.name} takes {_KINDS.get(kind, kind.__name__)}, got {value!r}"
     if param.choices and value not in param.choices:
         return f"{param.name} is one of {', '.join(param.choices)}; got {value!r}"
-    return None
+    if param.range is None or not isinstance(value, int | float) or isinstance(value, bool):
+        return None
+    problem = param.range.problem(value)
+    return f"{param.name} {problem}" if problem else None
 
 
 def _is_scalar(value: Any) -> bool:

@@ -10,6 +10,8 @@ recipe validator, `alloy methods` and the contract tests all see the same descri
 Conventions of the factory:
     per-model parameters        list[float] with one value per model, named in `per_model=`
     shared parameters           bool, int, float, str or Literal[...] scalars with defaults
+    numbers                     declare their valid values: Annotated[float, Range(0, 1)]
+                                (or Annotated[list[float], ...]); registering fails without one
 The Merger never touches files, devices or dtypes: it gets blocks of the inputs (models in
 order, then the base) in the compute dtype and returns blocks of the output.
 
@@ -25,11 +27,12 @@ import re
 import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 
 from alloy.merge.blocks import Merger, run
+from alloy.ranges import Range
 
 BasePolicy = Literal["required", "optional", "none"]
 _SCALARS: dict[Any, type] = {bool: bool, int: int, float: float, str: str}
@@ -53,6 +56,7 @@ class Param:
     per_model: bool
     doc: str = ""
     choices: tuple[str, ...] | None = None  # allowed values of a str parameter (a Literal)
+    range: Range | None = None  # valid values of a number parameter (every number has one)
 
     @property
     def required(self) -> bool:
@@ -182,15 +186,20 @@ def _describe(
         if p.name not in hints:
             raise ValueError(f"{name}: parameter {p.name!r} has no type annotation")
         recipe_name = p.name.rstrip("_")
+        hint, valid = _split_range(hints[p.name])
+        if hint in (float, int, list[float]) and valid is None:
+            raise ValueError(
+                f"{name}: number parameter {p.name!r} declares no range "
+                "(annotate it as Annotated[float, Range(...)])"
+            )
         if p.name in per_model:
-            if hints[p.name] != list[float]:
+            if hint != list[float]:
                 raise ValueError(f"{name}: per-model parameter {p.name!r} must be list[float]")
             default = per_model[p.name]
             params[recipe_name] = Param(
-                recipe_name, p.name, float, default, True, docs.get(p.name, "")
+                recipe_name, p.name, float, default, True, docs.get(p.name, ""), None, valid
             )
             continue
-        hint = hints[p.name]
         choices = None
         kind: type
         if typing.get_origin(hint) is Literal and all(
@@ -205,7 +214,7 @@ def _describe(
             )
         default = REQUIRED if p.default is inspect.Parameter.empty else p.default
         params[recipe_name] = Param(
-            recipe_name, p.name, kind, default, False, docs.get(p.name, ""), choices
+            recipe_name, p.name, kind, default, False, docs.get(p.name, ""), choices, valid
         )
     missing = set(per_model) - {p.arg for p in params.values()}
     if missing:
@@ -225,6 +234,15 @@ def _describe(
         summary=summary,
         properties=frozenset(properties),
     )
+
+
+def _split_range(hint: Any) -> tuple[Any, Range | None]:
+    """(type, Range) of an annotation, unwrapping `Annotated[type, Range(...)]`."""
+    if typing.get_origin(hint) is Annotated:
+        kind, *extras = typing.get_args(hint)
+        ranges = [extra for extra in extras if isinstance(extra, Range)]
+        return kind, ranges[0] if ranges else None
+    return hint, None
 
 
 _ARG_LINE = re.compile(r"^\s{4,}(\w+):\s*(.*)$")

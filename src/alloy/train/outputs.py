@@ -10,8 +10,10 @@ from typing import Any
 
 import torch
 
+from alloy.io import Checkpoint
 from alloy.io.atomic import AtomicFolder
 from alloy.io.card import CardInput, model_card
+from alloy.io.writer import check_finite
 
 
 def save_dtype(plan: Any) -> torch.dtype:
@@ -63,6 +65,13 @@ def write_outputs(
     trainer.save_model(str(staging))
     if not trainer.is_world_process_zero():
         return
+    with Checkpoint.open(staging) as weights:
+        check_finite(
+            ((name, weights.read(name)) for name in weights),
+            out,
+            "training diverged: lower the learning rate or check the data; the run's "
+            f"checkpoints in {staging.parent} are kept",
+        )
     model = trainer.accelerator.unwrap_model(trainer.model)
     dtype = save_dtype(plan)
     with AtomicFolder(out, force=force) as tmp:

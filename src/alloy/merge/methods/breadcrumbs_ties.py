@@ -13,8 +13,11 @@ ECCV 2024, https://arxiv.org/abs/2312.06795
 
 from __future__ import annotations
 
+from typing import Annotated
+
 from alloy.merge.methods._task_vectors import Election, RescaleMode, TaskVectorMerge
 from alloy.merge.registry import REQUIRED, merge_method
+from alloy.ranges import ANY, UNIT
 
 
 @merge_method(
@@ -25,14 +28,14 @@ from alloy.merge.registry import REQUIRED, merge_method
 )
 def breadcrumbs_ties(
     *,
-    weight: list[float],
-    density: list[float],
-    gamma: list[float],
+    weight: Annotated[list[float], ANY],
+    density: Annotated[list[float], UNIT],
+    gamma: Annotated[list[float], UNIT],
     normalize: bool = False,
     rescale: bool = False,
     rescale_mode: RescaleMode = "l1",
     election: Election = "weighted_sum",
-    lambda_: float = 1.0,
+    lambda_: Annotated[float, ANY] = 1.0,
     int8_mask: bool = False,
 ) -> TaskVectorMerge:
     """Keep a middle band of each task vector's magnitudes, elect signs, sum agreeing entries.

@@ -16,8 +16,11 @@ Lunch", ICML 2024, https://arxiv.org/abs/2311.03099
 
 from __future__ import annotations
 
+from typing import Annotated
+
 from alloy.merge.methods._task_vectors import Election, RescaleMode, TaskVectorMerge
 from alloy.merge.registry import REQUIRED, merge_method
+from alloy.ranges import ANY, UNIT
 
 
 @merge_method(
@@ -29,13 +32,13 @@ from alloy.merge.registry import REQUIRED, merge_method
 )
 def dare_ties(
     *,
-    weight: list[float],
-    density: list[float],
+    weight: Annotated[list[float], ANY],
+    density: Annotated[list[float], UNIT],
     normalize: bool = False,
     rescale: bool = True,
     rescale_mode: RescaleMode = "l1",
     election: Election = "weighted_sum",
-    lambda_: float = 1.0,
+    lambda_: Annotated[float, ANY] = 1.0,
     int8_mask: bool = False,
 ) -> TaskVectorMerge:
     """Random drop and rescale of each task vector, sign election, sum of agreeing entries.

@@ -17,8 +17,11 @@ Sampling", 2024, https://arxiv.org/abs/2406.11617
 
 from __future__ import annotations
 
+from typing import Annotated
+
 from alloy.merge.methods._task_vectors import RescaleMode, TaskVectorMerge
 from alloy.merge.registry import REQUIRED, merge_method
+from alloy.ranges import ANY, UNIT, Range
 
 
 @merge_method(
@@ -30,13 +33,13 @@ from alloy.merge.registry import REQUIRED, merge_method
 )
 def della_linear(
     *,
-    weight: list[float],
-    density: list[float],
-    epsilon: list[float],
+    weight: Annotated[list[float], ANY],
+    density: Annotated[list[float], UNIT],
+    epsilon: Annotated[list[float], Range(0, 1, high_open=True)],
     normalize: bool = False,
     rescale: bool = True,
     rescale_mode: RescaleMode = "l1",
-    lambda_: float = 1.0,
+    lambda_: Annotated[float, ANY] = 1.0,
     int8_mask: bool = False,
 ) -> TaskVectorMerge:
     """Magnitude-aware random drop of each task vector, then a weighted sum.

@@ -9,11 +9,14 @@ without increasing inference time", ICML 2022, https://arxiv.org/abs/2203.05482
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 
 from alloy.errors import InputError
 from alloy.merge.blocks import Block, Elementwise
 from alloy.merge.registry import REQUIRED, merge_method
+from alloy.ranges import ANY
 
 
 @merge_method(
@@ -22,7 +25,7 @@ from alloy.merge.registry import REQUIRED, merge_method
     per_model={"weight": REQUIRED},
     properties=("idempotent", "order_invariant"),
 )
-def linear(*, weight: list[float], normalize: bool = True) -> Elementwise:
+def linear(*, weight: Annotated[list[float], ANY], normalize: bool = True) -> Elementwise:
     """Weighted average of the models.
 
     Args:
@@ -31,7 +34,10 @@ def linear(*, weight: list[float], normalize: bool = True) -> Elementwise:
     """
     total = sum(weight)
     if normalize and abs(total) < 1e-12:
-        raise InputError(f"linear: weights {weight} sum to zero; cannot normalize")
+        raise InputError(
+            f"linear: weights {weight} sum to zero, so they cannot be normalized "
+            "(change a weight, or set normalize: false for a plain weighted sum)"
+        )
 
     def average(block: Block) -> torch.Tensor:
         result = block.models[0] * weight[0]

@@ -17,11 +17,13 @@ There is no paper; this follows mergekit 0.1.5's `nuslerp`, https://github.com/a
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Annotated
 
 import torch
 
 from alloy.merge.blocks import Block
 from alloy.merge.registry import REQUIRED, merge_method
+from alloy.ranges import ANY
 
 
 @merge_method(
@@ -33,7 +35,10 @@ from alloy.merge.registry import REQUIRED, merge_method
     properties=("idempotent", "base_fixed_point", "order_invariant"),
 )
 def nuslerp(
-    *, weight: list[float], nuslerp_row_wise: bool = False, nuslerp_flatten: bool = True
+    *,
+    weight: Annotated[list[float], ANY],
+    nuslerp_row_wise: bool = False,
+    nuslerp_flatten: bool = True,
 ) -> NuSlerp:
     """Spherical interpolation of two models or task vectors, t = w1 / (w0 + w1).
 

@@ -10,8 +10,11 @@ mergekit's passthrough method, https://github.com/arcee-ai/mergekit
 
 from __future__ import annotations
 
+from typing import Annotated
+
 from alloy.merge.blocks import Elementwise
 from alloy.merge.registry import merge_method
+from alloy.ranges import ANY
 
 
 @merge_method(
@@ -20,7 +23,7 @@ from alloy.merge.registry import merge_method
     per_model={"scale": 1.0},
     max_models=1,
 )
-def passthrough(*, scale: list[float]) -> Elementwise:
+def passthrough(*, scale: Annotated[list[float], ANY]) -> Elementwise:
     """The single model's tensor times `scale`.
 
     Args:

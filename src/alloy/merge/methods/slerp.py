@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Annotated
 
 import torch
 
 from alloy.merge.blocks import Block
 from alloy.merge.registry import merge_method
+from alloy.ranges import POSITIVE, UNIT
 
 
 @merge_method(
@@ -29,7 +31,12 @@ from alloy.merge.registry import merge_method
     max_models=1,
     properties=("idempotent", "base_fixed_point"),
 )
-def slerp(*, t: float, dot_threshold: float = 0.9995, eps: float = 1e-8) -> Slerp:
+def slerp(
+    *,
+    t: Annotated[float, UNIT],
+    dot_threshold: Annotated[float, UNIT] = 0.9995,
+    eps: Annotated[float, POSITIVE] = 1e-8,
+) -> Slerp:
     """Spherical interpolation from the base (t = 0) to the model (t = 1).
 
     Args:

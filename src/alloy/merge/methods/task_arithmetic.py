@@ -13,8 +13,11 @@ https://arxiv.org/abs/2212.04089
 
 from __future__ import annotations
 
+from typing import Annotated
+
 from alloy.merge.methods._task_vectors import TaskVectorMerge
 from alloy.merge.registry import REQUIRED, merge_method
+from alloy.ranges import ANY
 
 
 @merge_method(
@@ -25,9 +28,9 @@ from alloy.merge.registry import REQUIRED, merge_method
 )
 def task_arithmetic(
     *,
-    weight: list[float],
+    weight: Annotated[list[float], ANY],
     normalize: bool = False,
-    lambda_: float = 1.0,
+    lambda_: Annotated[float, ANY] = 1.0,
     int8_mask: bool = False,
 ) -> TaskVectorMerge:
     """Base plus a weighted sum of task vectors (negative weights negate a task).

@@ -14,8 +14,11 @@ https://arxiv.org/abs/2306.01708
 
 from __future__ import annotations
 
+from typing import Annotated
+
 from alloy.merge.methods._task_vectors import Election, RescaleMode, TaskVectorMerge
 from alloy.merge.registry import REQUIRED, merge_method
+from alloy.ranges import ANY, UNIT
 
 
 @merge_method(
@@ -26,13 +29,13 @@ from alloy.merge.registry import REQUIRED, merge_method
 )
 def ties(
     *,
-    weight: list[float],
-    density: list[float],
+    weight: Annotated[list[float], ANY],
+    density: Annotated[list[float], UNIT],
     normalize: bool = True,
     rescale: bool = False,
     rescale_mode: RescaleMode = "l1",
     election: Election = "weighted_sum",
-    lambda_: float = 1.0,
+    lambda_: Annotated[float, ANY] = 1.0,
     int8_mask: bool = False,
 ) -> TaskVectorMerge:
     """Trim, elect sign, disjoint mean of task vectors.
