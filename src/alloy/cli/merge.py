@@ -147,6 +147,7 @@ def _describe_method(name: str) -> dict[str, Any]:
                 "required": p.required,
                 "default": None if p.required else p.default,
                 "choices": list(p.choices) if p.choices else None,
+                "range": str(p.range) if p.range else None,
                 "doc": p.doc,
             }
             for p in spec.params.values()
@@ -185,11 +186,12 @@ def methods(
     console.print(f"[bold]{m['name']}[/]: {m['summary']}\nreference: {m['reference']}")
     low, high = m["models"]
     console.print(f"base model: {m['base']}; models: {low} to {high or 'any'}")
-    table = Table("parameter", "type", "scope", "default", "meaning", box=None, pad_edge=False)
+    table = Table(
+        "parameter", "type", "range", "scope", "default", "meaning", box=None, pad_edge=False
+    )
     for p in m["parameters"]:
         kind = "|".join(p["choices"]) if p["choices"] else p["type"]
         default = "required" if p["required"] else repr(p["default"])
-        table.add_row(
-            p["name"], kind, "per model" if p["per_model"] else "shared", default, p["doc"]
-        )
+        scope = "per model" if p["per_model"] else "shared"
+        table.add_row(p["name"], kind, p["range"] or "", scope, default, p["doc"])
     console.print(table)
