@@ -141,6 +141,7 @@ def rules_command(
             "name": r.name,
             "members": list(r.roles) if r.roles else "any, weighted",
             "parameters": r.params,
+            "ranges": {k: str(v) for k, v in r.ranges.items()},
             "summary": r.summary,
             "reference": r.reference,
         }
@@ -152,6 +153,6 @@ def rules_command(
     table = Table("rule", "members", "parameters", "summary", box=None, pad_edge=False)
     for r in described:
         members = r["members"] if isinstance(r["members"], str) else ", ".join(r["members"])
-        params = ", ".join(f"{k}={v:g}" for k, v in r["parameters"].items())
+        params = ", ".join(f"{k}={v:g} in {r['ranges'][k]}" for k, v in r["parameters"].items())
         table.add_row(r["name"], members, params or "-", r["summary"])
     Console(highlight=False).print(table)

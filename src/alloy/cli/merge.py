@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import shlex
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -104,27 +105,93 @@ def merge(
 
 @app.command()
 def validate(
-    recipe: Annotated[Path, typer.Argument(metavar="RECIPE", help="Merge recipe (YAML).")],
+    recipe: Annotated[
+        Path, typer.Argument(metavar="RECIPE", help="Merge, ensemble, MoE or training recipe.")
+    ],
     allow_pickle: Annotated[bool, ALLOW_PICKLE] = False,
     recipe_only: Annotated[
         bool, typer.Option("--recipe-only", help="Check the recipe alone, not the models.")
     ] = False,
 ) -> None:
-    """Check a recipe and its models (headers and configs only; no tensor data is read)."""
+    """Check any recipe and what it names (configs, headers and data; no tensor data is read).
+
+    The kind is told by the keys: merge_method (merge), rule (ensemble), experts or num_experts
+    (MoE), objective (training).
+    """
+    from alloy.io.yamlfile import read_recipe
+
+    raw, _ = read_recipe(recipe, "recipe", "merge_method:, rule:, experts: or objective:")
+    kind = _recipe_kind(raw)
+    for warning in _VALIDATORS[kind](recipe, allow_pickle, recipe_only):
+        typer.echo(warning)
+
+
+def _recipe_kind(raw: dict[str, Any]) -> str:
+    if "rule" in raw:
+        return "ensemble"
+    if "objective" in raw:
+        return "train"
+    if "merge_method" not in raw and ("experts" in raw or "num_experts" in raw):
+        return "moe"
+    return "merge"
+
+
+def _validate_merge(recipe: Path, allow_pickle: bool, recipe_only: bool) -> list[str]:
     from alloy.merge.api import plan
     from alloy.merge.recipe import load_recipe
 
     if recipe_only:
         parsed = load_recipe(recipe)
-        typer.echo(f"ok: {parsed.method.name} recipe with {len(parsed.model_paths())} models")
-        return
+        return [f"ok: {parsed.method.name} recipe with {len(parsed.model_paths())} models"]
     merge_plan = plan(recipe, allow_pickle=allow_pickle)
     for warning in merge_plan.warnings:
         typer.echo(f"warning: {warning}", err=True)
-    typer.echo(
+    return [
         f"ok: {merge_plan.method.name} of {len(merge_plan.paths)} models, "
         f"{len(merge_plan.jobs)} tensors, {merge_plan.output_bytes / 1e6:,.1f} MB out"
-    )
+    ]
+
+
+def _validate_ensemble(recipe: Path, allow_pickle: bool, recipe_only: bool) -> list[str]:
+    from alloy.ensemble.recipe import load_ensemble_recipe
+
+    parsed = load_ensemble_recipe(recipe, check_paths=not recipe_only)
+    return [f"ok: {parsed.rule} ensemble of {len(parsed.members)} members"]
+
+
+def _validate_moe(recipe: Path, allow_pickle: bool, recipe_only: bool) -> list[str]:
+    from alloy.moe.recipe import load_moe_recipe
+    from alloy.moe.upcycle import check_moe
+
+    parsed = load_moe_recipe(recipe)
+    if recipe_only:
+        return [f"ok: MoE recipe with {len(parsed.experts)} experts"]
+    moe_plan = check_moe(parsed, allow_pickle=allow_pickle)
+    for warning in moe_plan.warnings:
+        typer.echo(f"warning: {warning}", err=True)
+    return [
+        f"ok: {moe_plan.arch.name} MoE with {moe_plan.num_experts} experts "
+        f"over {moe_plan.num_layers} layers"
+    ]
+
+
+def _validate_train(recipe: Path, allow_pickle: bool, recipe_only: bool) -> list[str]:
+    from alloy.train import dry_run
+    from alloy.train.recipe import load_train_recipe
+
+    if recipe_only:
+        parsed = load_train_recipe(recipe, check_paths=False)
+        return [f"ok: {parsed.spec.objective} training recipe"]
+    train_plan = dry_run(recipe)
+    return [f"ok: {train_plan.recipe.spec.objective} training, {train_plan.steps} steps"]
+
+
+_VALIDATORS: dict[str, Callable[[Path, bool, bool], list[str]]] = {
+    "merge": _validate_merge,
+    "ensemble": _validate_ensemble,
+    "moe": _validate_moe,
+    "train": _validate_train,
+}
 
 
 def _describe_method(name: str) -> dict[str, Any]:

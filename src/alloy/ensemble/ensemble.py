@@ -22,7 +22,7 @@ from alloy.ensemble.decoder import Generation, Sampling, decode
 from alloy.ensemble.filters import apply_filters
 from alloy.ensemble.members import Member, check_vocabularies, load_member
 from alloy.ensemble.recipe import EnsembleRecipe, load_ensemble_recipe
-from alloy.ensemble.rules import get_rule
+from alloy.ensemble.rules import get_rule, parameter_problems
 from alloy.errors import InputError, Problem
 
 
@@ -44,6 +44,10 @@ class Ensemble:
         device: str | torch.device | None = None,
     ) -> None:
         self.rule = get_rule(rule)
+        problems = parameter_problems(self.rule, params or {})
+        if problems:
+            listing = "; ".join(f"{k}: {m}" + (f" ({h})" if h else "") for k, m, h in problems)
+            raise InputError(f"ensemble rule {rule!r}: {listing}")
         self.members = list(members)
         self.params = {**self.rule.params, **(params or {})}
         self.sampling = sampling or Sampling()

@@ -22,20 +22,19 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from alloy.ensemble.decoder import Sampling
 from alloy.ensemble.filters import check_filters
 from alloy.ensemble.members import MemberSpec
-from alloy.ensemble.rules import RULES
+from alloy.ensemble.rules import RULES, parameter_problems
 from alloy.errors import ProblemCollector, RecipeError, did_you_mean
-from alloy.io.yamlfile import read_recipe, validate_schema
+from alloy.io.yamlfile import StrictModel, read_recipe, validate_schema
 
 Number = float | int
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+_Strict = StrictModel
 
 
 class MemberEntry(_Strict):
@@ -151,11 +150,8 @@ def _issues(recipe: EnsembleRecipe, check_paths: bool) -> list[tuple[str, str, s
     if spec is None:
         hint = did_you_mean(recipe.rule, RULES, "rules")
         return [("rule", f"unknown rule {recipe.rule!r}", hint)]
-    for key in recipe.parameters:
-        if key not in spec.params:
-            hint = did_you_mean(key, spec.params, f"{spec.name} takes")
-            issues.append((f"parameters.{key}", "unknown parameter", hint))
-    issues += _parameter_ranges(recipe)
+    for key, message, advice in parameter_problems(spec, recipe.parameters):
+        issues.append((f"parameters.{key}", message, advice))
     members = recipe.members
     if spec.roles is not None:
         roles = [m.role for m in members]
@@ -216,17 +212,4 @@ def _weight_issues(recipe: EnsembleRecipe) -> list[tuple[str, str, str | None]]:
             issues.append((f"members.{i}.weight", f"{spec.name} needs weights >= 0", hint))
     if abs(sum(given) - 1.0) > 1e-6:
         issues.append(("members", f"{spec.name} weights must sum to 1, got {sum(given):g}", None))
-    return issues
-
-
-def _parameter_ranges(recipe: EnsembleRecipe) -> list[tuple[str, str, str | None]]:
-    params = recipe.parameters
-    issues: list[tuple[str, str, str | None]] = []
-    if recipe.rule == "dexperts" and "top_p" in params and not 0 < params["top_p"] <= 1:
-        issues.append(("parameters.top_p", "must be in (0, 1]", None))
-    if recipe.rule == "contrastive":
-        if "alpha" in params and not 0 < params["alpha"] <= 1:
-            issues.append(("parameters.alpha", "must be in (0, 1] (plausibility threshold)", None))
-        if "beta" in params and params["beta"] < 0:
-            issues.append(("parameters.beta", "must be >= 0", None))
     return issues

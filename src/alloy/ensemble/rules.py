@@ -12,12 +12,13 @@ Shapes: K members, B rows, V vocabulary.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
 
 from alloy.ensemble.filters import NEG_INF, top_p
+from alloy.ranges import ANY, NON_NEGATIVE, Range
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,7 @@ class RuleSpec:
     reference: str
     roles: tuple[str, ...] | None  # None: any number of members, one weight each
     params: dict[str, float] = field(default_factory=dict)  # name -> default
+    ranges: dict[str, Range] = field(default_factory=dict)  # name -> valid values
     signed_weights: bool = False  # weights may be negative (otherwise >= 0 and summing to 1)
 
     @property
@@ -43,13 +45,17 @@ def _rule(
     reference: str,
     roles: tuple[str, ...] | None = None,
     signed_weights: bool = False,
-    **params: float,
+    **params: tuple[float, Range],
 ) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
+    """Register a rule; each keyword parameter is given as (default, valid range)."""
+
     def register(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
         if fn.__name__ in RULES:
             raise ValueError(f"ensemble rule {fn.__name__!r} is registered twice")
+        defaults = {name: default for name, (default, _) in params.items()}
+        ranges = {name: valid for name, (_, valid) in params.items()}
         RULES[fn.__name__] = RuleSpec(
-            fn.__name__, fn, summary, reference, roles, dict(params), signed_weights
+            fn.__name__, fn, summary, reference, roles, defaults, ranges, signed_weights
         )
         return fn
 
@@ -107,7 +113,7 @@ def log_linear(scores: torch.Tensor, *, weights: torch.Tensor) -> torch.Tensor:
     "base + alpha (expert - anti_expert): steer a large base with a small tuned pair",
     "https://arxiv.org/abs/2401.08565",
     roles=("base", "expert", "anti_expert"),
-    alpha=1.0,
+    alpha=(1.0, ANY),  # negative steers away from the expert
 )
 def proxy_tuning(scores: torch.Tensor, *, alpha: float) -> torch.Tensor:
     """log p(x) = log p_base(x) + alpha (log p_expert(x) - log p_anti(x)) - log Z.
@@ -124,8 +130,8 @@ def proxy_tuning(scores: torch.Tensor, *, alpha: float) -> torch.Tensor:
     "DExperts: the base's top-p nucleus, re-scored by + alpha (expert - anti_expert)",
     "https://arxiv.org/abs/2105.03023",
     roles=("base", "expert", "anti_expert"),
-    alpha=2.0,
-    top_p=0.9,
+    alpha=(2.0, NON_NEGATIVE),
+    top_p=(0.9, Range(0, 1, low_open=True)),
 )
 def dexperts(scores: torch.Tensor, *, alpha: float, top_p: float) -> torch.Tensor:
     """log p(x) = log p_base(x) + alpha (log p_expert(x) - log p_anti(x)) - log Z for x in the
@@ -142,8 +148,8 @@ _top_p = top_p  # the parameter named top_p shadows the filter inside `dexperts`
     "contrastive decoding: (1 + beta) expert - beta amateur, on the expert's plausible tokens",
     "https://arxiv.org/abs/2309.09117",
     roles=("expert", "amateur"),
-    beta=0.5,
-    alpha=0.1,
+    beta=(0.5, NON_NEGATIVE),
+    alpha=(0.1, Range(0, 1, low_open=True)),  # the plausibility threshold
 )
 def contrastive(scores: torch.Tensor, *, beta: float, alpha: float) -> torch.Tensor:
     """score(x) = (1 + beta) log p_e(x) - beta log p_a(x) for x with p_e(x) >= alpha max p_e,
@@ -155,6 +161,21 @@ def contrastive(scores: torch.Tensor, *, beta: float, alpha: float) -> torch.Ten
     weights = torch.tensor([1.0 + beta, -beta], device=logprobs.device)
     total = _weighted_sum(logprobs, weights).masked_fill(expert < floor, NEG_INF)
     return _renormalise(total, expert)
+
+
+def parameter_problems(
+    spec: RuleSpec, params: Mapping[str, float]
+) -> list[tuple[str, str, str | None]]:
+    """(name, message, hint) for each of `params` that `spec` lacks or that is out of range."""
+    from alloy.errors import did_you_mean
+
+    problems: list[tuple[str, str, str | None]] = []
+    for key, value in params.items():
+        if key not in spec.ranges:
+            problems.append((key, "unknown parameter", did_you_mean(key, spec.ranges, "takes")))
+        elif problem := spec.ranges[key].problem(value):
+            problems.append((key, problem, None))
+    return problems
 
 
 def get_rule(name: str) -> RuleSpec:

@@ -14,9 +14,15 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from alloy.errors import ProblemCollector, RecipeError, did_you_mean
+
+
+class StrictModel(BaseModel):
+    """Base of every recipe section: unknown keys, loose types and NaN/inf numbers are errors."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
 
 
 class _Loader(yaml.SafeLoader):
@@ -96,13 +102,18 @@ def validate_schema(
         except ValidationError as error:
             details = error.errors()
         droppable = True
+        reported: set[tuple[Any, ...]] = set()
         for detail in details:
             loc = detail["loc"]
-            where = ".".join(str(p) for p in loc) or "(top)"
             if detail["type"] != "extra_forbidden":
-                problems.add(where, f"{detail['msg']}, got {repr(detail.get('input'))[:60]}")
                 droppable = False
+                loc = _without_union_tag(loc)
+                if loc not in reported:  # one message per key, not one per union branch
+                    reported.add(loc)
+                    where = ".".join(str(p) for p in loc) or "(top)"
+                    problems.add(where, f"{detail['msg']}, got {repr(detail.get('input'))[:60]}")
                 continue
+            where = ".".join(str(p) for p in loc) or "(top)"
             key = str(loc[-1])
             model = model_at(schema, loc[:-1]) or (
                 nested.get(str(loc[0]), schema) if len(loc) > 1 else schema
@@ -117,6 +128,16 @@ def validate_schema(
         if not droppable:
             return None
     return None
+
+
+_UNION_TAG = re.compile(r"(float|int|str|bool|(list|dict)\[.*\])")
+
+
+def _without_union_tag(loc: tuple[Any, ...]) -> tuple[Any, ...]:
+    """`loc` without pydantic's trailing name of a union branch (`weight.float` -> `weight`)."""
+    if loc and isinstance(loc[-1], str) and _UNION_TAG.fullmatch(loc[-1]):
+        return loc[:-1]
+    return loc
 
 
 def model_at(schema: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] | None:

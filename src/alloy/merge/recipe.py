@@ -23,11 +23,11 @@ from collections.abc import Iterator, Mapping
 from typing import Annotated, Any, ClassVar, Literal, NamedTuple
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field, ValidationError
 from pydantic_core import ErrorDetails
 
 from alloy.errors import ProblemCollector, RecipeError, did_you_mean
-from alloy.io.yamlfile import read_recipe
+from alloy.io.yamlfile import StrictModel, read_recipe
 from alloy.merge.registry import MethodSpec, Param, all_methods, get_method
 
 Scalar = bool | int | float | str
@@ -37,8 +37,7 @@ DType = Literal["float32", "float16", "bfloat16", "float64"]
 _Issue = tuple[str, str, str | None]  # where (YAML path), message, hint
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+class _Strict(StrictModel):
     # Keys mergekit accepts here that alloy does not implement yet: named as such in errors.
     mergekit_only: ClassVar[frozenset[str]] = frozenset()
 

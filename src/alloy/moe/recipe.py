@@ -31,10 +31,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
 from alloy.errors import ProblemCollector, RecipeError
-from alloy.io.yamlfile import read_recipe, validate_schema
+from alloy.io.yamlfile import StrictModel, read_recipe, validate_schema
 
 Number = float | int
 GateMode = Literal["hidden", "cheap_embed", "random", "uniform_random", "uniform"]
@@ -42,8 +42,7 @@ PROMPTED_MODES = ("hidden", "cheap_embed")
 UPCYCLE_RELATIVE_NOISE = 0.01
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+_Strict = StrictModel
 
 
 class ExpertEntry(_Strict):

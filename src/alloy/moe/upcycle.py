@@ -168,6 +168,28 @@ def plan_moe(
     )
 
 
+def check_moe(
+    recipe: MoeRecipe | str | os.PathLike[str] | Mapping[str, Any], *, allow_pickle: bool = False
+) -> MoePlan:
+    """The plan `upcycle` would follow, from the recipe, configs and headers (no tensor data).
+
+    Raises:
+        RecipeError, CheckpointError, IncompatibleModelsError: with every problem found.
+    """
+    if not isinstance(recipe, MoeRecipe):
+        recipe = load_moe_recipe(recipe)
+    opened = open_inputs(recipe.sources, allow_pickle)
+    try:
+        problems = ProblemCollector()
+        plan = plan_moe(recipe, dict(zip(recipe.sources, opened, strict=True)), problems)
+        problems.raise_if_any(IncompatibleModelsError, "cannot build this MoE")
+        assert plan is not None
+        return plan
+    finally:
+        for checkpoint in opened:
+            checkpoint.close()
+
+
 def upcycle(
     recipe: MoeRecipe | str | os.PathLike[str] | Mapping[str, Any],
     out: str | os.PathLike[str],

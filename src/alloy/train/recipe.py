@@ -29,10 +29,10 @@ from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
 from alloy.errors import ProblemCollector, RecipeError, did_you_mean
-from alloy.io.yamlfile import read_recipe, validate_schema
+from alloy.io.yamlfile import StrictModel, read_recipe, validate_schema
 from alloy.train.schedules import SCHEDULES
 
 Number = float | int
@@ -45,8 +45,7 @@ OPTIMIZERS = {"adamw": "adamw_torch_fused", "sgd": "sgd", "adafactor": "adafacto
 DEFAULT_LAB = "runs/lab"
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+_Strict = StrictModel
 
 
 def _as_entry(value: Any, key: str) -> Any:
