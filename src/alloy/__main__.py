@@ -1,6 +1,6 @@
 """`python -m alloy` runs the command line."""
 
-from alloy.cli.main import run
+from alloy.cli import run
 
 if __name__ == "__main__":
     run()

@@ -9,17 +9,33 @@ from __future__ import annotations
 import signal
 import sys
 import traceback
-from types import FrameType
 from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.markup import escape
+from typer import _click
+from typer.core import TyperGroup
 
 import alloy
+from alloy.cli import _terminate
 from alloy.errors import AlloyError
 
+
+class _InterruptedError(Exception):
+    """A Ctrl-C or SIGTERM inside a command, carried past typer (which would make it Exit(130))."""
+
+
+class _Group(TyperGroup):
+    def invoke(self, ctx: _click.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt as exc:
+            raise _InterruptedError() from exc
+
+
 app = typer.Typer(
+    cls=_Group,
     name="alloy",
     help="Combine and adapt foundation-model checkpoints (Hugging Face folders in and out).",
     no_args_is_help=True,
@@ -43,6 +59,21 @@ stderr = Console(stderr=True, highlight=False, soft_wrap=True)
 
 class _State:
     verbose = False
+    # What an interrupt at this point leaves on disk; a command that keeps something says so.
+    kept = "nothing was written"
+
+
+def on_interrupt(kept: str) -> None:
+    """Say what a Ctrl-C from now on keeps, for the one line printed when it comes."""
+    _State.kept = kept
+
+
+def _interrupted(argv: list[str], exc: BaseException) -> int:
+    words = [a for a in argv if not a.startswith("-")][:1]
+    what = f"alloy {words[0]}" if words else "alloy"
+    how = "terminated" if str(exc).startswith("signal") else "interrupted"
+    stderr.print(f"{how}: {what} stopped; {_State.kept}", markup=False)
+    return 130
 
 
 def _show_version(value: bool) -> None:
@@ -85,21 +116,20 @@ def _register() -> None:
     from alloy.cli import train as _train  # noqa: F401
 
 
-def _terminate(signum: int, frame: FrameType | None) -> None:
-    # Turn SIGTERM into an exception so `finally` blocks and atomic writers clean up.
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI and return its exit code (the console script exits with it)."""
-    _register()
+    args = sys.argv[1:] if argv is None else argv
     _State.verbose = False
+    _State.kept = "nothing was written"
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
-        result = app(args=argv, prog_name="alloy", standalone_mode=False)
+        _register()  # imports torch: a Ctrl-C here is an interrupt like any other
+        result = app(args=args, prog_name="alloy", standalone_mode=False)
         return result if isinstance(result, int) else 0
     except typer.Exit as exc:
         return exc.exit_code
+    except _InterruptedError as exc:
+        return _interrupted(args, exc.__cause__ or exc)
     except typer.TyperException as exc:  # usage errors: typer prints them with a hint
         show = getattr(exc, "show", None)
         if callable(show):
@@ -107,17 +137,15 @@ def main(argv: list[str] | None = None) -> int:
         else:
             stderr.print(f"error: {exc.format_message()}", markup=False)
         return exc.exit_code
-    except typer.Abort:
-        stderr.print("aborted")
-        return 130
+    except typer.Abort as exc:
+        return _interrupted(args, exc.__cause__ or exc)
     except AlloyError as exc:
         stderr.print(f"[bold red]error:[/] {escape(str(exc))}", markup=True)
         if _State.verbose:
             traceback.print_exc()
         return exc.exit_code
-    except KeyboardInterrupt:
-        stderr.print("interrupted; nothing was written")
-        return 130
+    except KeyboardInterrupt as exc:
+        return _interrupted(args, exc)
     except Exception as exc:
         stderr.print(
             f"[bold red]internal error:[/] {type(exc).__name__}: {escape(str(exc))}", markup=True
@@ -129,7 +157,3 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         signal.signal(signal.SIGTERM, previous)
-
-
-def run() -> None:
-    sys.exit(main())
