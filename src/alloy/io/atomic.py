@@ -3,12 +3,16 @@
 Everything is written into a hidden temporary sibling of the destination (same filesystem, so the
 final step is a rename). Commit swaps it into place; any exception, Ctrl-C or SIGTERM removes it.
 A SIGKILL or power loss can leave the hidden sibling behind but never a partial destination; the
-next write to the same destination removes siblings whose writing process is gone.
+next alloy write into the same parent folder removes (and reports) siblings whose writing process
+is gone. Published files are mode 0644 and folders 0755 (minus the umask), whatever the library
+that wrote them chose (safetensors writes 0600).
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import shutil
 import uuid
 from pathlib import Path
@@ -18,6 +22,13 @@ from alloy.errors import OutputExistsError
 
 _TMP_TAG = ".alloy-tmp-"
 _OLD_TAG = ".alloy-old-"
+# `.<name>.alloy-tmp-<pid>-<8 hex>` (being written) or `.<name>.alloy-old-<pid>-<8 hex>` (a
+# replaced output, renamed aside until the new one is in place); nothing else is ever removed.
+_SIBLING = re.compile(r"\.(?P<name>.+)\.alloy-(?P<kind>tmp|old)-(?P<pid>[0-9]+)-[0-9a-f]{8}")
+FILE_MODE = 0o644
+FOLDER_MODE = 0o755
+
+log = logging.getLogger(__name__)
 
 
 def check_output_folder(out: Path, *, force: bool) -> None:
@@ -32,30 +43,65 @@ def check_output_folder(out: Path, *, force: bool) -> None:
 
 
 def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
+    except PermissionError:  # someone else's process: alive
+        return True
+    except OverflowError:  # not a pid this system can have
+        return False
+    except OSError:  # cannot tell: keep its files
         return True
     return True
 
 
-def remove_stale_siblings(out: Path) -> list[Path]:
-    """Remove temporary siblings of `out` left by processes that no longer run."""
-    removed: list[Path] = []
-    prefix = f".{out.name}"
-    if not out.parent.is_dir():
-        return removed
-    for entry in out.parent.iterdir():
-        name = entry.name
-        for tag in (_TMP_TAG, _OLD_TAG):
-            if name.startswith(prefix + tag):
-                pid_text = name[len(prefix + tag) :].split("-", 1)[0]
-                if pid_text.isdigit() and not _pid_alive(int(pid_text)):
-                    shutil.rmtree(entry, ignore_errors=True)
-                    removed.append(entry)
-    return removed
+def remove_stale_siblings(parent: Path) -> list[Path]:
+    """Clean up what killed alloy writes left in `parent`, logging one line per entry.
+
+    A temporary sibling whose writing process no longer runs is removed. A replaced output renamed
+    aside (`.alloy-old-`) is removed if its destination exists, and renamed back into place if
+    the writer died between the two renames (the new output was never published).
+    Returns the entries removed or restored.
+    """
+    done: list[Path] = []
+    try:
+        entries = sorted(parent.iterdir())
+    except OSError:
+        return done
+    for entry in entries:
+        match = _SIBLING.fullmatch(entry.name)
+        if match is None or _pid_alive(int(match["pid"])):
+            continue
+        dest = parent / match["name"]
+        try:
+            if match["kind"] == "old" and not os.path.lexists(dest):
+                entry.rename(dest)
+                log.warning(
+                    "restored %s from %s (left by alloy process %s, no longer running)",
+                    dest,
+                    entry.name,
+                    match["pid"],
+                )
+            else:
+                folder = entry.is_dir() and not entry.is_symlink()
+                if folder:
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
+                log.warning(
+                    "removed stale temporary %s %s (left by alloy process %s, no longer running)",
+                    "folder" if folder else "file",
+                    entry,
+                    match["pid"],
+                )
+        except OSError as exc:
+            log.warning("could not clean up stale %s: %s", entry, exc.strerror or exc)
+            continue
+        done.append(entry)
+    return done
 
 
 class AtomicFolder:
@@ -71,9 +117,9 @@ class AtomicFolder:
         self.tmp: Path | None = None
 
     def __enter__(self) -> Path:
+        remove_stale_siblings(self.out.parent)  # first: it may restore `out` itself
         check_output_folder(self.out, force=self.force)
         self.out.parent.mkdir(parents=True, exist_ok=True)
-        remove_stale_siblings(self.out)
         tag = f"{_TMP_TAG}{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.tmp = self.out.parent / f".{self.out.name}{tag}"
         self.tmp.mkdir()
@@ -83,6 +129,7 @@ class AtomicFolder:
         assert self.tmp is not None, "commit() outside the context"
         # Re-check: the destination may have appeared while we were writing.
         check_output_folder(self.out, force=self.force)
+        _set_modes(self.tmp)
         _fsync_tree(self.tmp)
         if self.out.exists():
             old = (
@@ -115,6 +162,28 @@ class AtomicFolder:
                 raise
         else:
             self.abort()
+
+
+def _umask() -> int:
+    try:  # Linux: read it without changing it (changing it races with other threads)
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
+def _set_modes(folder: Path) -> None:
+    """Files 0644, folders 0755, minus the umask (as `save_pretrained` on a normal umask)."""
+    keep = ~_umask()
+    folder.chmod(FOLDER_MODE & keep)
+    for path in folder.rglob("*"):
+        if path.is_symlink():
+            continue  # chmod would follow it
+        path.chmod((FOLDER_MODE if path.is_dir() else FILE_MODE) & keep)
 
 
 def _fsync_tree(folder: Path) -> None:

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from alloy.errors import AlloyError, CheckpointError, InputError, NonFiniteError
-from alloy.io.atomic import AtomicFolder
+from alloy.io.atomic import FILE_MODE, AtomicFolder
 from alloy.io.format import encode_header, nbytes_of
 from alloy.io.sidefiles import copy_side_files
 
@@ -144,7 +144,9 @@ class CheckpointWriter:
                 header, offsets = encode_header(
                     [(s.name, s.shape, s.dtype) for s in ordered], {"format": "pt"}
                 )
-                fd = os.open(self._tmp / self._names[shard], os.O_RDWR | os.O_CREAT | os.O_EXCL)
+                fd = os.open(
+                    self._tmp / self._names[shard], os.O_RDWR | os.O_CREAT | os.O_EXCL, FILE_MODE
+                )
                 self._fds.append(fd)
                 _pwrite_all(fd, memoryview(header), 0)
                 os.ftruncate(fd, len(header) + (offsets[-1][1] if offsets else 0))

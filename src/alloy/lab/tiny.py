@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import os
 import string
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -149,6 +151,22 @@ def tiny_reward_model(*, seed: int = 3) -> Any:
     return LlamaForSequenceClassification(config).eval()
 
 
+@contextmanager
+def transformers_quiet() -> Iterator[None]:
+    """No transformers progress bars or info logs inside the block; the settings come back after."""
+    from transformers.utils import logging as hf_logging
+
+    bars, verbosity = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 def build_tiny(
     arch: str,
     out: str | os.PathLike[str],
@@ -173,7 +191,7 @@ def build_tiny(
     model = tiny_model(arch, seed=seed, noise=noise, **overrides)
     assert spec is not None
     shard = spec.max_shard_size if sharded is None else ("40KB" if sharded else None)
-    with AtomicFolder(out, force=force) as tmp:
+    with AtomicFolder(out, force=force) as tmp, transformers_quiet():
         model.save_pretrained(tmp, max_shard_size=shard or "50GB")
         model.generation_config = GenerationConfig(
             bos_token_id=1, eos_token_id=2, pad_token_id=0, max_new_tokens=16
