@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Literal, cast, get_args
 
 from alloy.average import rules
-from alloy.average.options import DEFAULT_K
+from alloy.average.options import DEFAULT_K, RANGES
 from alloy.errors import InputError, ProblemCollector
 from alloy.merge.engine import Progress
 
@@ -143,10 +143,10 @@ def plan_average(
             "ema needs a decay per checkpoint",
             "e.g. --decay 0.5; a per-step decay b with checkpoints every S steps is b**S",
         )
-    if decay is not None and not 0.0 <= decay < 1.0:
-        problems.add("--decay", f"must be in [0, 1), got {decay}")
-    if k is not None and k < 1:
-        problems.add("--k", f"must be at least 1, got {k}")
+    for name, value in (("decay", decay), ("k", k)):
+        problem = None if value is None else RANGES[name].problem(value)
+        if problem:
+            problems.add(f"--{name}", problem)
     problems.raise_if_any(InputError, "invalid averaging options")
 
     checkpoints = find_checkpoints(paths)

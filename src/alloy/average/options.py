@@ -11,12 +11,20 @@ from dataclasses import dataclass
 from typing import Any, Literal, cast, get_args
 
 from alloy.errors import InputError, ProblemCollector
+from alloy.ranges import Range
 
 Method = Literal["ema", "swa", "lawa"]
 METHODS: tuple[str, ...] = get_args(Method)
 DEFAULT_DECAY = 0.999
 DEFAULT_K = 5
 
+# The valid range of every numeric option, shared by the online averagers and `alloy average`.
+RANGES: dict[str, Range] = {
+    "decay": Range(0, 1, high_open=True),
+    "start": Range(0),
+    "every": Range(1),
+    "k": Range(1),
+}
 # Options that only one method reads; giving them to another is an error, not silently ignored.
 _ONLY = {"decay": "ema", "warmup": "ema", "bias_correction": "ema", "k": "lawa"}
 
@@ -87,14 +95,11 @@ def _check_value(name: str, value: Any) -> str | None:
     if name == "decay":
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             return f"must be a number, got {value!r}"
-        if not 0.0 <= value < 1.0:
-            return f"must be in [0, 1), got {value}"
-        return None
-    if name in ("start", "every", "k"):
+        return RANGES[name].problem(value)
+    if name in RANGES:
         if isinstance(value, bool) or not isinstance(value, int):
             return f"must be an integer, got {value!r}"
-        low = 0 if name == "start" else 1
-        return f"must be at least {low}, got {value}" if value < low else None
+        return RANGES[name].problem(value)
     if not isinstance(value, bool):
         return f"must be true or false, got {value!r}"
     return None
