@@ -19,6 +19,7 @@ from typing import Any, Literal
 import torch
 
 from alloy.ensemble.filters import apply_filters
+from alloy.errors import NonFiniteError, Problem
 
 FinishReason = Literal["eos", "stop", "length"]
 
@@ -89,6 +90,12 @@ def decode(
     states, scores = [], []
     for member in members:
         first, state = member.prefill([member.encode_prompt(p) for p in prompts])
+        if not bool(torch.isfinite(first).all()):
+            # Broken weights give NaN from the first step on: say so instead of empty text.
+            raise NonFiniteError(
+                f"member {member.name!r}: its next-token scores hold NaN or infinity",
+                [Problem(member.spec.model, "non-finite outputs", "are its weights finite?")],
+            )
         states.append(state)
         scores.append(first)
     alive = list(range(len(prompts)))  # rows still decoding -> index into results

@@ -15,7 +15,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from alloy.errors import CheckpointError, Problem
+from alloy.errors import CheckpointError, NonFiniteError, Problem
 
 
 @runtime_checkable
@@ -76,13 +76,15 @@ class ModelScorer:
     tokenizer: Any
     max_length: int
     device: torch.device
+    # Non-finite scores raise NonFiniteError; training evals turn it off to log `nan` instead.
+    check_finite: bool = True
 
     @torch.inference_mode()
     def token_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         ids = input_ids.to(self.device)
         mask = attention_mask.to(self.device)
         logits = self.model(input_ids=ids, attention_mask=mask).logits  # (B, T, V)
-        return gather_logprobs(logits, ids).cpu()
+        return gather_logprobs(self._finite(logits), ids).cpu()
 
     @torch.inference_mode()
     def rewards(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -93,16 +95,45 @@ class ModelScorer:
                 self.model(input_ids=ids[mask.bool()][None].to(self.device)).logits[0, 0]
                 for ids, mask in zip(input_ids, attention_mask, strict=True)
             ]
-            return torch.stack(rows).float().cpu()
+            return self._finite(torch.stack(rows)).float().cpu()
         out = self.model(
             input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device)
         )
-        return out.logits[:, 0].float().cpu()  # (B,)
+        return self._finite(out.logits[:, 0]).float().cpu()  # (B,)
+
+    def _finite(self, scores: torch.Tensor) -> torch.Tensor:
+        # One reduction per batch: a NaN score must stop the run, not become a `nan` cell.
+        if self.check_finite and not bool(torch.isfinite(scores).all()):
+            raise NonFiniteError(
+                f"{self.name}: the model's outputs hold NaN or infinity",
+                [Problem(self.name, "scores are not finite", _NON_FINITE_HINT)],
+            )
+        return scores
 
     @property
     def is_reward_model(self) -> bool:
         architectures = getattr(self.model.config, "architectures", None) or [""]
         return str(architectures[0]).endswith("ForSequenceClassification")
+
+
+_NON_FINITE_HINT = "the model overflows on this text; a model loaded in float16 may not in float32"
+
+
+def _check_weights(model: Any, folder: Path) -> None:
+    """Refuse a model whose weights hold NaN or infinity, naming the first such tensor."""
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise NonFiniteError(
+                f"cannot evaluate {folder}",
+                [
+                    Problem(
+                        name,
+                        f"{bad} of {tensor.numel()} values are NaN or infinite",
+                        "the checkpoint is broken (an overflowed merge or a diverged run?)",
+                    )
+                ],
+            )
 
 
 def load_pretrained(folder: Path, loader: Any, what: str = "", **kwargs: Any) -> Any:
@@ -152,6 +183,7 @@ def load_scorer(
     )
     model = load_pretrained(folder, auto, dtype=dtype, use_safetensors=not allow_pickle)
     tokenizer = load_pretrained(folder, AutoTokenizer)
+    _check_weights(model, folder)
     model.eval()
     model.to(device)
     max_length = int(

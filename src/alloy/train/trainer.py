@@ -222,7 +222,7 @@ class EvalCallback(TrainerCallback):
         model.eval()
         context = int(getattr(model.config, "max_position_embeddings", 0) or 1024)
         device = next(model.parameters()).device
-        scorer = ModelScorer("training", model, self.tokenizer, context, device)
+        scorer = ModelScorer("training", model, self.tokenizer, context, device, check_finite=False)
         try:
             results = evaluate(scorer, self.sets, self.settings)
         finally:
