@@ -234,7 +234,14 @@ def test_dry_run_and_validate_write_nothing(
     file = _write(tmp_path, recipe)
     assert main(["merge", str(file), str(tmp_path / "out"), "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "model.layers.1.mlp.up_proj.weight" in out and "0.8" in out
+    # One line per layer pattern, the gradient shown as its two ends.
+    assert "model.layers.{0..1}.mlp.up_proj.weight  ties [1], [2] base [0]  t=0.0..1.0" in out
+    assert "'density': ['0.2..0.8', '0.2..0.8']" in out and "(2 tensors)" in out
+    assert "model.layers.1.mlp.up_proj.weight" not in out
+    assert main(["merge", str(file), str(tmp_path / "out"), "--dry-run", "-v"]) == 0
+    full = capsys.readouterr().out
+    assert "model.layers.1.mlp.up_proj.weight" in full and "'density': [0.8, 0.8]" in full
+    assert len(full.splitlines()) > len(out.splitlines())
     assert not (tmp_path / "out").exists()
     assert main(["validate", str(file)]) == 0
     assert "ok: ties of 3 models" in capsys.readouterr().out

@@ -72,6 +72,10 @@ def merge(
         bool, typer.Option("--no-hash", help="Do not record input SHA-256s in the model card.")
     ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    verbose: Annotated[
+        bool,
+        typer.Option("--verbose", "-v", help="With --dry-run, list every tensor (not each layer)."),
+    ] = False,
 ) -> None:
     """Merge the models of RECIPE into OUT (mergekit-compatible YAML)."""
     from alloy.merge.api import plan
@@ -82,7 +86,7 @@ def merge(
     for warning in merge_plan.warnings:
         console.print(f"[yellow]warning:[/] {warning}", markup=True)
     if dry_run:
-        typer.echo(merge_plan.summary())
+        typer.echo(merge_plan.summary(full=verbose))
         return
     command = "alloy " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv else None
     path = run_with_progress(

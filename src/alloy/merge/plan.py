@@ -14,6 +14,7 @@ the final norm and the LM head all use a gradient's first value.
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -86,8 +87,9 @@ class MergePlan:
     def output_bytes(self) -> int:
         return sum(int(torch.Size(j.shape).numel()) * j.out_dtype.itemsize for j in self.jobs)
 
-    def summary(self) -> str:
-        """A human-readable description of the plan (what `--dry-run` prints)."""
+    def summary(self, *, full: bool = False) -> str:
+        """A human-readable description of the plan (what `--dry-run` prints): one line per
+        layer pattern (`model.layers.{0..39}.mlp.up_proj.weight`), or per tensor with `full`."""
         lines = [
             f"method     {self.method.name}",
             f"inputs     {len(self.paths)}",
@@ -102,14 +104,57 @@ class MergePlan:
             f"compute    {DTYPE_NAMES[self.compute_dtype]}"
             + (f" (inputs rounded to {DTYPE_NAMES[self.input_dtype]})" if self.input_dtype else ""),
         ]
+        groups: dict[tuple[str, str], list[tuple[int | None, TensorJob]]] = {}
         for job in self.jobs:
             inputs = ", ".join(f"[{s.model}]" for s in job.models)
             base = f" base [{job.base.model}]" if job.base else ""
-            what = "copy" if job.copy else self.method.name
-            shown = {k: _short(v) for k, v in job.params.items()}
-            lines.append(f"  {job.name}  {what} {inputs}{base}  t={job.t:.3g}  {shown}")
+            how = f"{'copy' if job.copy else self.method.name} {inputs}{base}"
+            pattern, layer = (job.name, None) if full else _layer_pattern(job.name)
+            groups.setdefault((pattern, how), []).append((layer, job))
+        for (pattern, how), members in groups.items():
+            jobs = [job for _, job in members]
+            layers = sorted({layer for layer, _ in members if layer is not None})
+            name = pattern.replace("{}", "{" + _runs(layers) + "}") if layers else pattern
+            t = _span([round(j.t, 3) for j in jobs])
+            params = {k: _span([_short(j.params[k]) for j in jobs]) for k in jobs[0].params}
+            count = f"  ({len(jobs)} tensors)" if len(jobs) > 1 else ""
+            lines.append(f"  {name}  {how}  t={t}  {params}{count}")
+        if not full and len(groups) < len(self.jobs):
+            lines.append(f"({len(groups)} lines for {len(self.jobs)} tensors; -v lists each)")
         lines += [f"warning: {w}" for w in self.warnings]
         return "\n".join(lines)
+
+
+_LAYER = re.compile(r"\.(\d+)\.")
+
+
+def _layer_pattern(name: str) -> tuple[str, int | None]:
+    """'model.layers.12.mlp.up_proj.weight' -> ('model.layers.{}.mlp.up_proj.weight', 12)."""
+    match = _LAYER.search(name)
+    if match is None:
+        return name, None
+    return f"{name[: match.start()]}.{{}}.{name[match.end() :]}", int(match.group(1))
+
+
+def _runs(numbers: list[int]) -> str:
+    """[0, 1, 2, 3, 8, 9] -> '0..3,8..9'."""
+    runs: list[list[int]] = []
+    for n in numbers:
+        if runs and n == runs[-1][1] + 1:
+            runs[-1][1] = n
+        else:
+            runs.append([n, n])
+    return ",".join(str(a) if a == b else f"{a}..{b}" for a, b in runs)
+
+
+def _span(values: list[Any]) -> Any:
+    """One value if all agree, else 'first..last' (layers: '0..39'; a gradient: '0..1')."""
+    distinct = list(dict.fromkeys(repr(v) for v in values))
+    if len(distinct) == 1:
+        return values[0]
+    if all(isinstance(v, list) and len(v) == len(values[0]) for v in values):
+        return [_span(list(column)) for column in zip(*values, strict=True)]  # per model
+    return f"{values[0]}..{values[-1]}"
 
 
 def _short(value: Any) -> Any:
