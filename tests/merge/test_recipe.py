@@ -293,6 +293,7 @@ ERRORS = [
         "base model 'base' is not among the sources",
     ),
     ("models", "merge_method: fake_linear\nmodels: []\n", "is empty"),
+    ("slices", "merge_method: fake_linear\nslices: []\n", "is empty"),
     ("", LINEAR + "slices: []\n", "a recipe needs exactly one of `models` and `slices`"),
     ("", "merge_method: fake_linear\n", "a recipe needs exactly one of `models` and `slices`"),
     ("merge_method", "models: []\n", "required key is missing"),

@@ -286,6 +286,8 @@ def _issues(recipe: Recipe) -> Iterator[_Issue]:
         yield "tokenizer_source", "'union': alloy does not merge vocabularies", hint
     if (recipe.models is None) == (recipe.slices is None):
         yield "", "a recipe needs exactly one of `models` and `slices`", None
+    elif recipe.slices == []:
+        yield "slices", "is empty", "list at least one slice of sources"
     for i, s in enumerate(recipe.slices or []):
         lengths = set()
         for j, source in enumerate(s.sources):
