@@ -80,10 +80,12 @@ def main(argv: list[str]) -> int:
         file = ROOT / doc
         text = file.read_text()
         block = re.compile(rf"(<!-- generated: {name} -->\n)(?:.*?\n)?(<!-- end -->)", re.S)
-        if not block.search(text):
+        if block.search(text) is None:
             print(f"{doc}: no `<!-- generated: {name} -->` ... `<!-- end -->` block")
             return 1
-        new = block.sub(lambda m: m.group(1) + make() + "\n" + m.group(2), text)
+        match = block.search(text)
+        assert match is not None
+        new = text[: match.end(1)] + make() + "\n" + text[match.start(2) :]
         if new != text:
             stale.append(doc)
             if not check:

@@ -119,8 +119,7 @@ def validate(
 ) -> None:
     """Check any recipe and what it names (configs, headers and data; no tensor data is read).
 
-    The kind is told by the keys: merge_method (merge), rule (ensemble), experts or num_experts
-    (MoE), objective (training).
+    Kind by key: merge_method (merge), rule (ensemble), experts (MoE), objective (training).
     """
     from alloy.io.yamlfile import read_recipe
 
