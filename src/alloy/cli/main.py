@@ -6,6 +6,7 @@ Exit codes: 0 success, 2 bad input (an `InputError` or a usage error), 1 any oth
 
 from __future__ import annotations
 
+import errno
 import signal
 import sys
 import traceback
@@ -146,14 +147,43 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt as exc:
         return _interrupted(args, exc)
-    except Exception as exc:
-        stderr.print(
-            f"[bold red]internal error:[/] {type(exc).__name__}: {escape(str(exc))}", markup=True
-        )
+    except OSError as exc:
+        if exc.errno not in _ENVIRONMENT or exc.filename is None:
+            return _internal(exc)
+        from alloy.io.atomic import user_path
+
+        where = user_path(exc.filename)
+        hint = _ENVIRONMENT[exc.errno]
+        stderr.print(f"error: {where}: {exc.strerror} ({hint}); nothing was kept", markup=False)
         if _State.verbose:
             traceback.print_exc()
-        else:
-            stderr.print("run again with -v for the traceback, and please report it")
-        return 1
+        return 2
+    except Exception as exc:
+        return _internal(exc)
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+# Failures of the machine rather than of alloy: reported with the user's path and a fix, exit 2.
+_ENVIRONMENT = {
+    errno.ENOSPC: "free some space or write elsewhere",
+    errno.EDQUOT: "free some space or write elsewhere",
+    errno.EROFS: "the filesystem is read-only; choose another output path",
+    errno.EACCES: "check the permissions, or choose another path",
+    errno.EPERM: "check the permissions, or choose another path",
+    errno.ENOTDIR: "a part of the path is a file, not a folder",
+    errno.EISDIR: "the path is a folder; give a file",
+    errno.ENAMETOOLONG: "choose a shorter path",
+    errno.EIO: "the disk reported an I/O error; check the device",
+}
+
+
+def _internal(exc: BaseException) -> int:
+    stderr.print(
+        f"[bold red]internal error:[/] {type(exc).__name__}: {escape(str(exc))}", markup=True
+    )
+    if _State.verbose:
+        traceback.print_exc()
+    else:
+        stderr.print("run again with -v for the traceback, and please report it")
+    return 1

@@ -28,6 +28,20 @@ _SIBLING = re.compile(r"\.(?P<name>.+)\.alloy-(?P<kind>tmp|old)-(?P<pid>[0-9]+)-
 FILE_MODE = 0o644
 FOLDER_MODE = 0o755
 
+
+def user_path(path: str | os.PathLike[str]) -> Path:
+    """The path the user asked for, for a path inside a hidden temporary sibling.
+
+    >>> str(user_path("/runs/.merged.alloy-tmp-42-0123abcd/model.safetensors"))
+    '/runs/merged/model.safetensors'
+    """
+    parts = list(Path(path).parts)
+    for i, part in enumerate(parts):
+        match = _SIBLING.fullmatch(part)
+        if match is not None:
+            parts[i] = match.group("name")
+    return Path(*parts) if parts else Path(path)
+
 log = logging.getLogger(__name__)
 
 

@@ -148,7 +148,7 @@ class CheckpointWriter:
                     self._tmp / self._names[shard], os.O_RDWR | os.O_CREAT | os.O_EXCL, FILE_MODE
                 )
                 self._fds.append(fd)
-                _pwrite_all(fd, memoryview(header), 0)
+                _pwrite_all(fd, memoryview(header), 0, self._tmp / self._names[shard])
                 os.ftruncate(fd, len(header) + (offsets[-1][1] if offsets else 0))
                 for spec, (begin, _) in zip(ordered, offsets, strict=True):
                     self._slots[spec.name] = _Slot(shard, len(header) + begin, spec)
@@ -207,7 +207,9 @@ class CheckpointWriter:
         if nbytes:
             data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
             offset = slot.offset + start * row_bytes
-            _pwrite_all(self._fds[slot.shard], memoryview(data.numpy()), offset)  # type: ignore[arg-type]
+            assert self._tmp is not None
+            path = self._tmp / self._names[slot.shard]
+            _pwrite_all(self._fds[slot.shard], memoryview(data.numpy()), offset, path)  # type: ignore[arg-type]
 
     def __exit__(
         self,
@@ -262,11 +264,14 @@ class CheckpointWriter:
         self._fds.clear()
 
 
-def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+def _pwrite_all(fd: int, data: memoryview, offset: int, path: Path) -> None:
     data = data.cast("B")
     done = 0
-    while done < len(data):
-        done += os.pwrite(fd, data[done:], offset + done)
+    try:
+        while done < len(data):
+            done += os.pwrite(fd, data[done:], offset + done)
+    except OSError as exc:  # a write by descriptor names no file: name it (a full disk, say)
+        raise OSError(exc.errno, exc.strerror, str(path)) from exc
 
 
 def save_state_dict(
