@@ -172,7 +172,7 @@ def test_cli_greedy_warm_and_bad_input(
     err = capsys.readouterr().err
     for fragment in (
         "--batch-size",
-        "'gpu0' is not a device",
+        "--device gpu0: not a device name",
         "LlamaForSequenceClassification",
         "preference data only",
     ):

@@ -28,12 +28,15 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, cast, get_args
+from typing import TYPE_CHECKING, Any, Literal, cast, get_args
 
 from alloy.average import rules
 from alloy.average.options import DEFAULT_K, RANGES
-from alloy.errors import InputError, ProblemCollector
+from alloy.errors import InputError, Problem, ProblemCollector
 from alloy.merge.engine import Progress
+
+if TYPE_CHECKING:
+    from alloy.merge.plan import MergePlan
 
 OfflineMethod = Literal["uniform", "ema", "lawa"]
 OFFLINE_METHODS: tuple[str, ...] = get_args(OfflineMethod)
@@ -81,6 +84,16 @@ class AveragePlan:
             "parameters": {"normalize": True},
         }
 
+    def merge_plan(self, *, allow_pickle: bool = False) -> MergePlan:
+        """The merge plan of `recipe()`; the planner's errors are worded for checkpoints (no
+        recipe, no `slices:`)."""
+        from alloy.merge.api import plan
+
+        try:
+            return plan(self.recipe(), allow_pickle=allow_pickle)
+        except InputError as exc:
+            raise reworded(exc, "checkpoints") from exc
+
     def summary(self) -> str:
         lines = [f"{self.method} average of {len(self.checkpoints)} checkpoints"]
         width = max(len(str(c.path)) for c in self.checkpoints)
@@ -88,6 +101,33 @@ class AveragePlan:
             step = "?" if c.step is None else str(c.step)
             lines.append(f"  {c.path!s:<{width}}  step {step:>8}  weight {w:.6g}")
         return "\n".join(lines)
+
+
+# The merge planner's words for what a recipe can change, and what they mean for a command
+# that averages models it was given (`alloy average`, `alloy soup`) and has no recipe.
+_REWORDINGS = (
+    ("; use `slices:` to choose layer ranges of equal length", "; average {what} of one model"),
+    ("the recipe cannot be applied to these models", "these {what} cannot be averaged"),
+    ("these models cannot be merged", "these {what} cannot be averaged"),
+    ("the models have", "the {what} have"),
+    ("merge models", "average {what}"),
+)
+
+
+def reworded(exc: InputError, what: str) -> InputError:
+    """An error of the merge planner reworded for averaging `what` ("checkpoints",
+    "candidates"): the user wrote no recipe, so neither "the recipe" nor `slices:` is named."""
+
+    def reword(text: str) -> str:
+        for old, new in _REWORDINGS:
+            text = text.replace(old, new.format(what=what))
+        return text
+
+    problems = [
+        Problem(p.where, reword(p.message), reword(p.hint) if p.hint else None)
+        for p in exc.problems
+    ]
+    return type(exc)(reword(exc.message), problems)
 
 
 def find_checkpoints(paths: Sequence[str | os.PathLike[str]]) -> list[TrainingCheckpoint]:
@@ -192,12 +232,14 @@ def average_checkpoints(
         OutputExistsError: `out` is not empty and `force` is not given.
     """
     from alloy.io.atomic import check_output_folder
+    from alloy.io.writable import check_writable
     from alloy.merge.api import merge
 
     check_output_folder(Path(out), force=force)
+    check_writable(out, "OUT")
     average = plan_average(paths, method=method, decay=decay, k=k)
     return merge(
-        average.recipe(),
+        average.merge_plan(allow_pickle=allow_pickle),
         out,
         force=force,
         allow_pickle=allow_pickle,

@@ -16,9 +16,10 @@ from rich.console import Console
 
 from alloy.cli.main import ALLOW_PICKLE, FORCE, app
 from alloy.cli.merge import run_with_progress
+from alloy.cli.moe import MergekitFlagsCommand
 
 
-@app.command()
+@app.command(cls=MergekitFlagsCommand)
 def average(
     checkpoints: Annotated[
         list[Path],
@@ -47,15 +48,16 @@ def average(
     step (trainer_state.json, else the checkpoint-<N> name), executed as a streaming merge."""
     from alloy.average.offline import plan_average
     from alloy.io.atomic import check_output_folder
-    from alloy.merge.api import plan
+    from alloy.io.writable import check_writable
 
     if not dry_run:
         check_output_folder(out, force=force)
+        check_writable(out, "OUT")
     average_plan = plan_average(checkpoints, method=method, decay=decay, k=k)
     console = Console(stderr=True, highlight=False)
     if dry_run or not quiet:
         typer.echo(average_plan.summary(), err=not dry_run)
-    merge_plan = plan(average_plan.recipe(), allow_pickle=allow_pickle)
+    merge_plan = average_plan.merge_plan(allow_pickle=allow_pickle)
     for warning in merge_plan.warnings:
         console.print(f"[yellow]warning:[/] {warning}", markup=True)
     if dry_run:

@@ -21,6 +21,7 @@ from alloy.cli.main import (
     app,
     quiet_transformers,
 )
+from alloy.errors import InputError, Problem
 
 
 def print_results(results: dict[str, dict[str, Any]], metric: str | None, title: str) -> None:
@@ -34,6 +35,45 @@ def print_results(results: dict[str, dict[str, Any]], metric: str | None, title:
     for row in rows:
         table.add_row(*row)
     Console(highlight=False).print(table)
+
+
+def device_problems(device: str | None, option: str = "--device") -> list[Problem]:
+    """Nothing if `device` (None: the default) exists here, else why not (with the devices that
+    do)."""
+    from alloy.device import resolve_device
+
+    if device is None:
+        return []
+    try:
+        resolve_device(device, option)
+    except InputError as exc:
+        return [Problem("", exc.message)]
+    return []
+
+
+def weight_problems(model: Path, allow_pickle: bool) -> list[Problem]:
+    """What makes `model`'s weight files unloadable (truncated, corrupt...), from headers only."""
+    from alloy.errors import CheckpointError
+    from alloy.io.checkpoint import check_weights
+
+    try:
+        check_weights(model, allow_pickle=allow_pickle)
+    except CheckpointError as exc:
+        return exc.problems or [Problem("", exc.message)]
+    return []
+
+
+def ensemble_problems(recipe_path: Path, allow_pickle: bool) -> list[Problem]:
+    """What stops an ensemble recipe's members from loading here (devices, weight files); a bad
+    recipe raises its RecipeError. Checked before any model is loaded."""
+    from alloy.ensemble.recipe import load_ensemble_recipe
+
+    recipe = load_ensemble_recipe(recipe_path)
+    problems = device_problems(recipe.device, f"{recipe_path}: device")
+    for k, member in enumerate(recipe.members):
+        problems += device_problems(member.device, f"{recipe_path}: members.{k}.device")
+        problems += weight_problems(Path(member.model), allow_pickle)
+    return problems
 
 
 @app.command("eval")
@@ -71,8 +111,11 @@ def eval_command(
 
     An ensemble recipe is scored under its rule on the same windows as plain models.
     """
-    from alloy.errors import InputError, Problem
     from alloy.eval import EvalSettings, evaluate, load_eval_sets, load_scorer
+    from alloy.io.writable import check_writable, write_file
+
+    if json_out is not None:
+        check_writable(json_out, "--json", folder=False)  # before an hour of scoring, not after
 
     if metric not in ("perplexity", "bits_per_byte"):
         raise InputError(f"--metric {metric!r}: choose perplexity or bits_per_byte")
@@ -89,13 +132,16 @@ def eval_command(
     ]
     if window and stride and stride > window:
         problems.append(Problem("--stride", f"{stride} is larger than --window {window}"))
-    from alloy.ensemble.recipe import is_recipe_path, load_ensemble_recipe
+    from alloy.ensemble.recipe import is_recipe_path
 
+    problems += device_problems(device)
     for m in models:
         if is_recipe_path(m):
-            load_ensemble_recipe(m)  # a bad recipe fails here, before any model is loaded
+            problems += ensemble_problems(m, allow_pickle)  # a bad recipe fails here
         elif not (m / "config.json").is_file():
             problems.append(Problem(str(m), "not a model folder (no config.json)"))
+        else:
+            problems += weight_problems(m, allow_pickle)
     if problems:
         raise InputError("cannot evaluate", problems)
     sets = load_eval_sets(data)
@@ -118,5 +164,4 @@ def eval_command(
             "data": {s.name: {"path": str(s.path), "kind": s.kind} for s in sets},
             "results": results,
         }
-        json_out.parent.mkdir(parents=True, exist_ok=True)
-        json_out.write_text(json.dumps(payload, indent=2) + "\n")
+        write_file(json_out, json.dumps(payload, indent=2) + "\n", "--json")

@@ -92,8 +92,14 @@ def generate_command(
 
     Flags override the recipe's `sampling` settings.
     """
+    from alloy.cli.eval import device_problems, ensemble_problems, weight_problems
+    from alloy.ensemble.recipe import is_recipe_path
+    from alloy.io.writable import check_writable, write_file
+
+    if out is not None:
+        check_writable(out, "--out", folder=False)  # before the models are loaded
     prompts = read_prompts(prompt or [], prompts_file)
-    problems = []
+    problems = device_problems(device)
     if not prompts:
         problems.append(Problem("--prompt/--prompts", "no prompt given"))
     if batch_size <= 0:
@@ -105,6 +111,11 @@ def generate_command(
     warpers = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "min_p": min_p}
     given = {k: v for k, v in warpers.items() if v is not None}
     problems += [Problem(f"--{k.replace('_', '-')}", m) for k, m in check_filters(given)]
+    # A truncated weight file or a device that is not here is named now, not by the loader.
+    if is_recipe_path(target):
+        problems += ensemble_problems(target, allow_pickle)
+    elif (target / "config.json").is_file():
+        problems += weight_problems(target, allow_pickle)
     if problems:
         raise InputError("cannot generate", problems)
     quiet_transformers()
@@ -123,10 +134,7 @@ def generate_command(
     for g in generations:
         console.print(f"[dim]{escape(g.prompt)}[/]{escape(g.text)}  [dim]({g.finish_reason})[/]")
     if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text("".join(json.dumps(g.as_dict()) + "\n" for g in generations))
-        tmp.replace(out)
+        write_file(out, "".join(json.dumps(g.as_dict()) + "\n" for g in generations), "--out")
 
 
 @app.command("rules")

@@ -10,13 +10,36 @@ from __future__ import annotations
 import shlex
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from typer.core import TyperCommand
 
 from alloy.cli.main import ALLOW_PICKLE, FORCE, app, quiet_transformers
 from alloy.errors import InputError
+
+# Flags of mergekit and mergekit-moe that alloy has no use for, with what to do instead (click
+# would suggest the nearest spelling: --allow-pickle for --lazy-unpickle, which is wrong).
+MERGEKIT_FLAGS = {
+    "--lazy-unpickle": "alloy always reads weights lazily, one tensor at a time; drop the flag "
+    "(--allow-pickle is only for reading PyTorch .bin pickles)",
+}
+
+
+class MergekitFlagsCommand(TyperCommand):
+    """Typer's command, with a mergekit flag that alloy lacks explained instead of respelt."""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:  # ctx: typer's click Context
+        try:
+            return super().parse_args(ctx, args)
+        except typer.TyperException as exc:  # click's NoSuchOption has `option_name`
+            name = getattr(exc, "option_name", None)
+            if name in MERGEKIT_FLAGS:
+                exc.message = f"No such option: {name} (a mergekit flag); {MERGEKIT_FLAGS[name]}"
+                exc.possibilities = None  # type: ignore[attr-defined]  # set by NoSuchOption
+            raise
+
 
 _HELP = (
     "Build a Mixtral / Qwen2-MoE / Qwen3-MoE checkpoint in OUT from dense models of one family, "
@@ -29,7 +52,7 @@ _HELP = (
 )
 
 
-@app.command("moe", help=_HELP)
+@app.command("moe", cls=MergekitFlagsCommand, help=_HELP)
 def moe_command(
     source: Annotated[
         Path, typer.Argument(metavar="SOURCE", help="Recipe (.yaml), dense model, or MoE model.")
@@ -73,10 +96,13 @@ def moe_command(
     allow_pickle: Annotated[bool, ALLOW_PICKLE] = False,
 ) -> None:
     """`alloy moe` (see _HELP)."""
+    from alloy.device import resolve_device
+    from alloy.io.writable import check_writable
     from alloy.moe.recipe import load_moe_recipe, upcycle_recipe
     from alloy.moe.upcycle import upcycle
 
     err = Console(stderr=True, highlight=False, soft_wrap=True)
+    resolve_device(device)
     is_recipe = source.suffix in (".yaml", ".yml")
     if not is_recipe and experts is None:
         if not report:
@@ -88,6 +114,7 @@ def moe_command(
         return
     if out is None:
         raise InputError("give OUT, the folder to write the MoE to")
+    check_writable(out, "OUT")
     if is_recipe:
         if experts is not None:
             raise InputError("--experts is for upcycling a model folder; a recipe lists experts")
@@ -134,6 +161,11 @@ def _text_sets(paths: list[Path]) -> dict[str, list[str]]:
     from alloy.errors import Problem
     from alloy.eval.data import load_eval_sets
 
+    missing = [
+        Problem(str(p), "not found", "check the --report path") for p in paths if not p.exists()
+    ]
+    if missing:  # reported here, so that the hint names --report (not eval's --data)
+        raise InputError("--report takes text sets", missing)
     sets = load_eval_sets(paths)
     wrong = [
         Problem(str(s.path), f"holds {s.kind} items", "give text") for s in sets if s.kind != "text"
@@ -146,7 +178,15 @@ def _text_sets(paths: list[Path]) -> dict[str, list[str]]:
 def _report_only(
     model: Path, out: Path | None, paths: list[Path], max_tokens: int, device: str, err: Console
 ) -> None:
+    from alloy.io.checkpoint import check_weights
+    from alloy.io.writable import check_writable
+
+    if out is not None:  # the report goes into OUT, which may exist (the MoE itself, say)
+        check_writable(out, "OUT")
+        if out.is_dir():
+            check_writable(out / "routing.json", "OUT", folder=False)
     texts = _text_sets(paths)
+    check_weights(model)  # a truncated file is named here, not by transformers' loader
     quiet_transformers()
     _report(model, texts, max_tokens, device, out, err)
 
@@ -169,5 +209,10 @@ def _report(
     )
     typer.echo(routing.summary_table())
     if folder is not None:
-        written = write_report(routing, folder)
+        try:
+            written = write_report(routing, folder)
+        except OSError as exc:
+            from alloy.io.writable import describe
+
+            raise InputError(f"{folder}: cannot write the routing report: {describe(exc)}") from exc
         err.print("report: " + ", ".join(str(p) for p in written))

@@ -15,7 +15,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.table import Table
-from typer.core import TyperCommand, TyperOption
+from typer.core import TyperOption
 
 from alloy.cli.main import (
     ALLOW_PICKLE,
@@ -28,6 +28,8 @@ from alloy.cli.main import (
     app,
     quiet_transformers,
 )
+from alloy.cli.moe import MergekitFlagsCommand
+from alloy.errors import InputError
 
 CANDIDATE_FLAGS = ("--candidates", "-c")
 
@@ -65,7 +67,7 @@ def spread_candidates(args: Sequence[str], *, value_options: Collection[str]) ->
     return out
 
 
-class _SoupCommand(TyperCommand):
+class _SoupCommand(MergekitFlagsCommand):
     """Typer's command, with `--candidates A B C` spread before click parses the arguments."""
 
     def parse_args(self, ctx: Any, args: list[str]) -> list[str]:  # ctx: typer's click Context
@@ -75,7 +77,26 @@ class _SoupCommand(TyperCommand):
             if isinstance(param, TyperOption) and not param.is_flag
             for name in param.opts
         }
-        return super().parse_args(ctx, spread_candidates(args, value_options=value_options))
+        spread = spread_candidates(args, value_options=value_options)
+        try:
+            return super().parse_args(ctx, list(spread))  # click consumes the list it gets
+        except typer.BadParameter as exc:  # OUT has no type check: it can only be missing
+            if exc.param is not None and exc.param.name == "out":
+                swallowed_out(spread)
+            raise
+
+
+def swallowed_out(args: Sequence[str]) -> None:
+    """Raise an InputError saying so when OUT is missing because it was written straight after
+    the candidate list (`-c A B OUT --eval D`) and so taken as a candidate: the last candidate
+    is then not a model folder."""
+    given = [args[k + 1] for k in range(len(args) - 1) if args[k] in CANDIDATE_FLAGS]
+    if len(given) > 1 and not (Path(given[-1]) / "config.json").is_file():
+        raise InputError(
+            f"missing OUT: {given[-1]!r} was taken as a candidate, since the list after -c runs "
+            "to the next option; put OUT before -c (alloy soup OUT -c A B --eval D) or use -c "
+            "once per candidate (-c A -c B OUT)"
+        )
 
 
 def _table(title: str, columns: list[str], rows: list[list[str]], right: int) -> Table:

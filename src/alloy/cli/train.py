@@ -126,6 +126,7 @@ def train_command(
 
     Works unchanged under `accelerate launch` (DDP, FSDP, DeepSpeed).
     """
+    from alloy.io.writable import check_writable
     from alloy.io.yamlfile import read_recipe
     from alloy.train import dry_run as plan_run
     from alloy.train import load_train_recipe
@@ -138,14 +139,25 @@ def train_command(
         _recycle(recipe, out, force=force, dry_run=dry_run, quiet=quiet, overrides=values)
         return
     loaded = load_train_recipe(recipe, overrides=values)
+    if plot_schedule is not None:
+        check_writable(plot_schedule, "--plot-schedule", folder=False)
+    if out is not None and not dry_run:
+        check_writable(out, "OUT")  # before training, not at the last write
     quiet_transformers()
     if dry_run or plot_schedule is not None:
         plan = plan_run(loaded)
         if plot_schedule is not None:
+            from alloy.io.writable import describe
             from alloy.train.outputs import plot_schedule as draw
 
             title = f"{loaded.spec.schedule['name']} over {plan.steps} steps"
-            if not draw(plan.schedule, plan.steps, plot_schedule, title):
+            try:
+                plot_schedule.parent.mkdir(parents=True, exist_ok=True)
+                drawn = draw(plan.schedule, plan.steps, plot_schedule, title)
+            except OSError as exc:
+                where = f"--plot-schedule {plot_schedule}"
+                raise InputError(f"{where}: cannot write: {describe(exc)}") from exc
+            if not drawn:
                 raise InputError("--plot-schedule needs matplotlib (pip install matplotlib)")
             typer.echo(f"wrote {plot_schedule}")
         if dry_run:
@@ -188,6 +200,10 @@ def _recycle(
         raise InputError("--set applies to training recipes, not to recycling recipes")
     if out is None:
         raise InputError("a recycling recipe needs OUT, the pipeline folder")
+    if not dry_run:
+        from alloy.io.writable import check_writable
+
+        check_writable(out, "OUT")
     quiet_transformers()
     plan = load_recycle_recipe(recipe, out)
     if dry_run:

@@ -6,6 +6,7 @@ from alloy.io.checkpoint import Checkpoint
 from alloy.io.format import TensorInfo
 from alloy.io.modelinfo import ModelInfo
 from alloy.io.sidefiles import choose_donor
+from alloy.io.writable import check_writable, write_file
 from alloy.io.writer import CheckpointWriter, TensorSpec, save_state_dict
 
 __all__ = [
@@ -16,7 +17,9 @@ __all__ = [
     "ModelInfo",
     "TensorInfo",
     "TensorSpec",
+    "check_writable",
     "choose_donor",
     "model_card",
     "save_state_dict",
+    "write_file",
 ]

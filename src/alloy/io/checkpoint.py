@@ -162,6 +162,15 @@ class Checkpoint:
         return f"Checkpoint({str(self.path)!r}, {self.format}, {len(self.tensors)} tensors)"
 
 
+def check_weights(path: str | os.PathLike[str], *, allow_pickle: bool = False) -> None:
+    """Check a model folder's weight files before another loader (transformers) reads them.
+
+    A truncated or corrupt file then gives a `CheckpointError` naming it, instead of the loader's
+    own failure. Reads headers only (see `Checkpoint.open`, which raises the same errors).
+    """
+    Checkpoint.open(path, allow_pickle=allow_pickle).close()
+
+
 def _pread_into(fd: int, buffer: torch.Tensor, offset: int, file: Path) -> None:
     view = memoryview(buffer.numpy()).cast("B")  # type: ignore[arg-type]
     done = 0

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from alloy.errors import InputError
+from alloy.device import resolve_device  # `--device` parsing lives in alloy.device
 from alloy.io import Checkpoint, CheckpointWriter, TensorSpec
 from alloy.io.writer import DEFAULT_MAX_SHARD_BYTES
 from alloy.merge.blocks import Block, Merger, block_seed, partition, run_blocks, wants
@@ -64,16 +64,6 @@ def tune_allocator() -> None:
     mallopt(m_mmap_threshold, 256 << 20)
     mallopt(m_trim_threshold, 512 << 20)
     mallopt(m_arena_max, 1)
-
-
-def resolve_device(device: str) -> torch.device:
-    """The torch device for `--device`, with a clear error when it is not available."""
-    target = torch.device(device)
-    if target.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"--device {device}: CUDA is not available here; use --device cpu")
-    if target.type == "mps" and not torch.backends.mps.is_available():
-        raise InputError(f"--device {device}: MPS is not available here; use --device cpu")
-    return target
 
 
 @dataclass(frozen=True)

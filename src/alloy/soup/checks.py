@@ -15,11 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from alloy.average.offline import reworded
+from alloy.device import resolve_device
 from alloy.errors import InputError, Problem
 from alloy.eval import EvalSet, EvalSettings, load_eval_sets
 from alloy.io.atomic import check_output_folder
+from alloy.io.writable import check_writable
 from alloy.merge.api import plan
-from alloy.merge.engine import resolve_device
 from alloy.soup.greedy import METHODS
 from alloy.soup.objective import Objective, choose_objective
 
@@ -87,10 +89,12 @@ def check_inputs(
 
     Raises:
         OutputExistsError: `out` is not empty and `force` is False (checked first, alone).
+        InputError: `out` cannot be written (checked next, alone; see `check_writable`).
         InputError: every other problem, all listed together.
     """
     out_path = Path(out)
     check_output_folder(out_path, force=force)
+    check_writable(out_path, "OUT")
     paths = tuple(Path(c) for c in candidates)
     problems: list[Problem] = []
     if method not in METHODS:
@@ -102,8 +106,6 @@ def check_inputs(
         resolve_device(device)
     except InputError as exc:
         problems.append(Problem("", exc.message))
-    except RuntimeError:  # torch's answer to a malformed device string
-        problems.append(Problem("--device", f"{device!r} is not a device", "e.g. cpu or cuda:0"))
     resolved = [p.resolve() for p in paths]
     for k, path in enumerate(paths):
         if resolved[k] in resolved[:k]:
@@ -118,8 +120,15 @@ def check_inputs(
     if not data:
         problems.append(Problem("--eval", "no evaluation data", "give --eval FILE or folder"))
     else:
+        # Missing paths are reported here, so that the hint names --eval (not eval's --data).
+        present = [Path(d) for d in data if Path(d).exists()]
+        problems += [
+            Problem(str(d), "not found", "check the --eval path")
+            for d in data
+            if not Path(d).exists()
+        ]
         try:
-            sets = load_eval_sets([Path(d) for d in data])
+            sets = load_eval_sets(present) if present else None
         except InputError as exc:
             problems += exc.problems or [Problem("--eval", exc.message)]
     merge_plan = None
@@ -128,7 +137,8 @@ def check_inputs(
         try:
             merge_plan = plan(soup_recipe(unique), allow_pickle=allow_pickle)
         except InputError as exc:
-            problems += [Problem("--candidates", exc.message), *exc.problems]
+            error = reworded(exc, "candidates")
+            problems += [Problem("--candidates", error.message), *error.problems]
     objective = None
     if sets is not None:
         reward = any(_is_reward_model(p) for p in paths)

@@ -19,8 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from alloy.errors import InputError
 from alloy.eval import EvalSettings, evaluate
 from alloy.io import AtomicFolder
+from alloy.io.writable import describe
 from alloy.merge.api import merge
 from alloy.soup.checks import SoupInputs, check_inputs, soup_recipe
 from alloy.soup.greedy import METHODS, Selection
@@ -176,24 +178,29 @@ def write_soup(
         if selection.method == "greedy"
         else f"uniform soup of {len(chosen)} models"
     )
-    with AtomicFolder(out, force=force) as tmp:
-        staged = tmp / "model"
-        merge(
-            soup_recipe(chosen, name),
-            staged,
-            hash_inputs=hash_inputs,
-            command=command,
-            allow_pickle=allow_pickle,
-        )
-        for entry in sorted(staged.iterdir()):
-            entry.rename(tmp / entry.name)
-        staged.rmdir()
-        (tmp / "soup.json").write_text(json.dumps(soup_json(report), indent=2) + "\n")
-        (tmp / "soup.md").write_text(soup_markdown(report), encoding="utf-8")
-        plotted = plot_soup(report, tmp / "soup.png")
-        with (tmp / "README.md").open("a", encoding="utf-8") as card:
-            card.write("\n" + soup_markdown(report, heading="##"))
-            if not plotted:
-                card.write("\n(soup.png was not drawn: install matplotlib.)\n")
+    try:
+        with AtomicFolder(out, force=force) as tmp:
+            staged = tmp / "model"
+            merge(
+                soup_recipe(chosen, name),
+                staged,
+                hash_inputs=hash_inputs,
+                command=command,
+                allow_pickle=allow_pickle,
+            )
+            for entry in sorted(staged.iterdir()):
+                entry.rename(tmp / entry.name)
+            staged.rmdir()
+            (tmp / "soup.json").write_text(json.dumps(soup_json(report), indent=2) + "\n")
+            (tmp / "soup.md").write_text(soup_markdown(report), encoding="utf-8")
+            plotted = plot_soup(report, tmp / "soup.png")
+            with (tmp / "README.md").open("a", encoding="utf-8") as card:
+                card.write("\n" + soup_markdown(report, heading="##"))
+                if not plotted:
+                    card.write("\n(soup.png was not drawn: install matplotlib.)\n")
+    except OSError as exc:  # the atomic folder is gone: name the user's path, not its sibling
+        raise InputError(
+            f"OUT {out}: cannot write the soup: {describe(exc)}; choose another path or free space"
+        ) from exc
     report.out = Path(out)
     return Path(out)
