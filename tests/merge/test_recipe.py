@@ -294,6 +294,7 @@ ERRORS = [
     ),
     ("models", "merge_method: fake_linear\nmodels: []\n", "is empty"),
     ("slices", "merge_method: fake_linear\nslices: []\n", "is empty"),
+    ("models[0].model", LINEAR.replace("model: a", "model: ''"), "at least 1 character"),
     ("", LINEAR + "slices: []\n", "a recipe needs exactly one of `models` and `slices`"),
     ("", "merge_method: fake_linear\n", "a recipe needs exactly one of `models` and `slices`"),
     ("merge_method", "models: []\n", "required key is missing"),

@@ -109,10 +109,17 @@ def test_a_command_says_what_it_keeps(monkeypatch: pytest.MonkeyPatch, capsys) -
 def test_a_real_signal_while_starting_up(
     signum: int, models: tuple[Path, Path], tmp_path: Path
 ) -> None:
-    # `python -m alloy` takes over a second to import its commands; the signal lands in there.
-    args = [sys.executable, "-m", "alloy", *_merge_args(tmp_path, models[0])]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(0.6)
+    # The child says when alloy's entry point is about to run; the signal then lands while the
+    # commands are imported (a second or more), however loaded the machine is.
+    code = (
+        "import sys, alloy.cli as c; print('ready', flush=True); "
+        f"sys.argv = ['alloy', *{_merge_args(tmp_path, models[0])!r}]; c.run()"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+    time.sleep(0.05)
     proc.send_signal(signum)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err

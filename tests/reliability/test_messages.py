@@ -123,3 +123,11 @@ def test_moe_report_missing_data_names_report(
     missing = str(tmp_path / "nope.txt")
     err = _err(["moe", str(models["a"]), "--report", missing], capsys)
     assert missing in err and "check the --report path" in err and "--data" not in err
+
+
+def test_eval_table_title_is_one_line(tiny_root: Path, tmp_path: Path, capsys) -> None:
+    text = tmp_path / "val.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 30)
+    assert main(["eval", str(tiny_root / "llama"), "--data", str(text)]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first == "alloy eval (perplexity for text sets, accuracy for tasks)"

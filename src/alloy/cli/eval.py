@@ -28,13 +28,16 @@ def print_results(results: dict[str, dict[str, Any]], metric: str | None, title:
     from alloy.eval.run import table_rows
 
     columns, rows = table_rows(results, metric)
-    table = Table(title=title, title_justify="left")
+    # The title goes above on its own line: as a table title it wraps to the table's width.
+    table = Table()
     table.add_column("model", overflow="fold")
     for column in columns:
         table.add_column(column, justify="right")
     for row in rows:
         table.add_row(*row)
-    Console(highlight=False).print(table)
+    console = Console(highlight=False)
+    console.print(title, markup=False, soft_wrap=True)
+    console.print(table)
 
 
 def device_problems(device: str | None, option: str = "--device") -> list[Problem]:

@@ -18,6 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from alloy.cli.main import ALLOW_PICKLE, FORCE, app
+from alloy.cli.moe import MergekitFlagsCommand
 from alloy.errors import InputError
 
 
@@ -57,7 +58,7 @@ def run_with_progress(
         return run_merge(merge_plan, on_tensor=lambda job: progress.advance(task), **options)
 
 
-@app.command()
+@app.command(cls=MergekitFlagsCommand)
 def merge(
     recipe: Annotated[Path, typer.Argument(metavar="RECIPE", help="Merge recipe (YAML).")],
     out: Annotated[Path, typer.Argument(metavar="OUT", help="Output model folder.")],
@@ -78,9 +79,16 @@ def merge(
     ] = False,
 ) -> None:
     """Merge the models of RECIPE into OUT (mergekit-compatible YAML)."""
+    from alloy.device import resolve_device
+    from alloy.io.atomic import check_output_folder
+    from alloy.io.writable import check_writable
     from alloy.merge.api import plan
 
     max_shard_bytes = parse_size(shard_size)
+    if not dry_run:
+        check_output_folder(out, force=force)
+        check_writable(out, "OUT")  # before planning or reading anything
+        resolve_device(device)  # an unknown --device lists the devices here
     merge_plan = plan(recipe, allow_pickle=allow_pickle)
     console = Console(stderr=True, highlight=False)
     for warning in merge_plan.warnings:

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
-from alloy.cli.main import FORCE, app, quiet_transformers
+from alloy.cli.main import FORCE, app, on_interrupt, quiet_transformers
 from alloy.errors import InputError, Problem
 
 
@@ -166,6 +166,9 @@ def train_command(
     if out is None:
         raise InputError("alloy train needs OUT, the output model folder (or --dry-run)")
     command = "alloy " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv else None
+    if loaded.spec.checkpoints.every:
+        kept = out.with_name(out.name + ".checkpoints")
+        on_interrupt(f"checkpoints saved so far stay in {kept}; add --resume to continue")
     with _Progress(loaded.spec.log_every, quiet) as progress:
         result = run_train(
             loaded,

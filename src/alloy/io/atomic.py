@@ -42,6 +42,7 @@ def user_path(path: str | os.PathLike[str]) -> Path:
             parts[i] = match.group("name")
     return Path(*parts) if parts else Path(path)
 
+
 log = logging.getLogger(__name__)
 
 

@@ -42,13 +42,17 @@ class _Strict(StrictModel):
     mergekit_only: ClassVar[frozenset[str]] = frozenset()
 
 
+# A model folder (or mergekit's hub name); an empty string names nothing.
+ModelPath = Annotated[str, Field(min_length=1)]
+
+
 class ModelEntry(_Strict):
-    model: str
+    model: ModelPath
     parameters: Params | None = None
 
 
 class SliceSource(_Strict):
-    model: str
+    model: ModelPath
     layer_range: Annotated[list[int], Field(min_length=2, max_length=2)]
     parameters: Params | None = None
 
@@ -57,7 +61,7 @@ class Slice(_Strict):
     mergekit_only: ClassVar[frozenset[str]] = frozenset({"residual_weight"})
     sources: list[SliceSource]
     parameters: Params | None = None
-    base_model: str | None = None
+    base_model: ModelPath | None = None
 
 
 class Recipe(_Strict):
@@ -66,7 +70,7 @@ class Recipe(_Strict):
     mergekit_only: ClassVar[frozenset[str]] = frozenset({"modules", "tokenizer", "chat_template"})
     name: str | None = None
     merge_method: str
-    base_model: str | None = None
+    base_model: ModelPath | None = None
     models: list[ModelEntry] | None = None
     slices: list[Slice] | None = None
     parameters: Params | None = None
