@@ -180,14 +180,18 @@ def check_moe(
         recipe = load_moe_recipe(recipe)
     opened = open_inputs(recipe.sources, allow_pickle)
     try:
-        problems = ProblemCollector()
-        plan = plan_moe(recipe, dict(zip(recipe.sources, opened, strict=True)), problems)
-        problems.raise_if_any(IncompatibleModelsError, "cannot build this MoE")
-        assert plan is not None
-        return plan
+        return _checked_plan(recipe, dict(zip(recipe.sources, opened, strict=True)))
     finally:
         for checkpoint in opened:
             checkpoint.close()
+
+
+def _checked_plan(recipe: MoeRecipe, checkpoints: Mapping[Path, Checkpoint]) -> MoePlan:
+    problems = ProblemCollector()
+    plan = plan_moe(recipe, checkpoints, problems)
+    problems.raise_if_any(IncompatibleModelsError, "cannot build this MoE")
+    assert plan is not None
+    return plan
 
 
 def upcycle(
@@ -214,10 +218,7 @@ def upcycle(
     opened = open_inputs(recipe.sources, allow_pickle)
     checkpoints = dict(zip(recipe.sources, opened, strict=True))
     try:
-        problems = ProblemCollector()
-        plan = plan_moe(recipe, checkpoints, problems)
-        problems.raise_if_any(IncompatibleModelsError, "cannot build this MoE")
-        assert plan is not None
+        plan = _checked_plan(recipe, checkpoints)
         say(f"routers: {recipe.gate_mode}")
         routers, shared_gate = _routers(plan, device)
         for layer, i, j in similar_experts(routers):
