@@ -89,6 +89,8 @@ class CheckpointWriter:
         model_card: text written as README.md, or a function returning it, called once all
             tensors are written (so slow parts, like hashing inputs, can overlap the writing).
         extra_files: more files to write, name -> text.
+        single_file: write every tensor into one file of this name, never sharded (e.g.
+            `adapter_model.safetensors`); `max_shard_bytes` is then ignored.
 
     Use as a context manager; `write(name, tensor)` each tensor exactly once. Leaving the block
     normally publishes the folder; an exception (or a missing tensor) leaves no trace of it.
@@ -106,6 +108,7 @@ class CheckpointWriter:
         config_updates: Mapping[str, Any] | None = None,
         model_card: str | Callable[[], str] | None = None,
         extra_files: Mapping[str, str] | None = None,
+        single_file: str | None = None,
     ) -> None:
         specs = list(specs)
         seen: set[str] = set()
@@ -121,8 +124,11 @@ class CheckpointWriter:
         self.model_card = model_card
         self.extra_files = dict(extra_files or {})
         self._folder = AtomicFolder(self.out, force=force)
-        self._groups = plan_shards(specs, max_shard_bytes)
-        self._names = shard_names(len(self._groups))
+        if single_file is not None:
+            self._groups, self._names = [specs], [single_file]
+        else:
+            self._groups = plan_shards(specs, max_shard_bytes)
+            self._names = shard_names(len(self._groups))
         self._slots: dict[str, _Slot] = {}
         self._fds: list[int] = []
         self._written: set[str] = set()  # tensors whose every byte is written

@@ -1,0 +1,104 @@
+"""`BASE+ADAPTER`: a base checkpoint seen with an adapter folded in, one tensor at a time.
+
+`AdaptedCheckpoint` is a `Checkpoint` whose `read(name, rows)` returns the base tensor (or the
+requested rows of it) with the adapter's update added in fp32 and cast back to the stored dtype,
+so the merge engine and MoE upcycling stream it exactly like a folded model on disk: memory
+holds the adapter's small factors plus the one tensor being read. The spelling is mergekit's
+(`model: path/to/base+path/to/lora`).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from alloy.adapters.delta import fold
+from alloy.adapters.peftfile import Adapter, fit_to, is_adapter, read_adapter
+from alloy.errors import CheckpointError, InputError, ProblemCollector
+from alloy.io import Checkpoint
+
+
+def split_spec(spec: str | os.PathLike[str]) -> tuple[Path, Path | None]:
+    """`BASE+ADAPTER` -> (BASE, ADAPTER); a path that exists as written is taken literally.
+
+    Of the places a `+` could split the text, the first whose right side is an adapter folder
+    (it holds adapter_config.json) wins, so folder names may themselves contain `+`.
+    """
+    text = os.fspath(spec)
+    if "+" not in text or Path(text).exists():
+        return Path(text), None
+    for at in (k for k, ch in enumerate(text) if ch == "+"):
+        base, adapter = text[:at], text[at + 1 :]
+        if base and adapter and is_adapter(adapter):
+            return Path(base), Path(adapter)
+    base, adapter = text.rsplit("+", 1)
+    return Path(base), Path(adapter)
+
+
+class AdaptedCheckpoint(Checkpoint):
+    """A base model with one adapter folded in on read (same names, shapes and dtypes)."""
+
+    def __init__(self, base: Checkpoint, adapter: Adapter, spec: str) -> None:
+        super().__init__(base.path, base.format, base.files, dict(base.tensors), base.config)
+        self._base = base
+        self.adapter = adapter
+        self.spec = spec
+
+    def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        factors = self.adapter.modules.get(name)
+        whole = factors is not None and factors.magnitude is not None and factors.transposed
+        base = self._base_tensor(name, None if whole else rows)
+        if factors is None:
+            return base
+        if whole and rows is not None:
+            return fold(base, factors)[rows[0] : rows[1]].contiguous()
+        return fold(base, factors, rows)
+
+    def _base_tensor(self, name: str, rows: tuple[int, int] | None) -> torch.Tensor:
+        """The base's tensor, or the adapter's saved copy of it (modules_to_save, embeddings)."""
+        replacement = self.adapter.full.get(name)
+        if replacement is None:
+            return self._base.read(name, rows)
+        tensor = replacement.to(self.info(name).dtype)
+        return (tensor if rows is None else tensor[rows[0] : rows[1]]).clone()
+
+    def close(self) -> None:
+        self._base.close()
+        super().close()
+
+    def __repr__(self) -> str:
+        return f"AdaptedCheckpoint({self.spec!r})"
+
+
+def open_adapted(
+    base: str | os.PathLike[str], adapter: str | os.PathLike[str], *, allow_pickle: bool = False
+) -> AdaptedCheckpoint:
+    """Open BASE (headers only) and ADAPTER (its small tensors), checking they fit each other.
+
+    Raises:
+        CheckpointError: the base is unreadable.
+        InputError: the adapter is unreadable or was made for another base shape (every
+            mismatching tensor listed).
+    """
+    checkpoint = Checkpoint.open(base, allow_pickle=allow_pickle)
+    try:
+        loaded = read_adapter(adapter)
+        problems = ProblemCollector()
+        fit_to(loaded, {n: i.shape for n, i in checkpoint.tensors.items()}, problems)
+        problems.raise_if_any(InputError, f"{adapter} does not fit {base}")
+    except BaseException:
+        checkpoint.close()
+        raise
+    return AdaptedCheckpoint(checkpoint, loaded, f"{base}+{adapter}")
+
+
+def open_model(spec: str | os.PathLike[str], *, allow_pickle: bool = False) -> Checkpoint:
+    """A model folder, a `.safetensors` file, or `BASE+ADAPTER` (the adapter folded on read)."""
+    base, adapter = split_spec(spec)
+    if adapter is None:
+        return Checkpoint.open(base, allow_pickle=allow_pickle)
+    if not adapter.exists():
+        raise CheckpointError(f"{spec}: no adapter folder {adapter}")
+    return open_adapted(base, adapter, allow_pickle=allow_pickle)
