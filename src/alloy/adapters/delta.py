@@ -38,6 +38,7 @@ class Factors:
     magnitude: torch.Tensor | None = None
     lambda_b: torch.Tensor | None = None
     lambda_d: torch.Tensor | None = None
+    embedding: bool = False  # PEFT's lora_embedding_A / _B (always transposed)
 
     @property
     def rank(self) -> int:

@@ -13,6 +13,7 @@ changes (`<module>.weight`), with its scale resolved from `r`, `lora_alpha`, `us
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -182,13 +183,13 @@ def _collect(adapter: Adapter, tensors: Checkpoint, problems: ProblemCollector) 
         label = f"{where}: {module}"
         if "lora_embedding_A" in got or "lora_embedding_B" in got:
             A, B = got.get("lora_embedding_A"), got.get("lora_embedding_B")
-            transposed = True
+            transposed = embedding = True
         elif "vera_lambda_b" in got or "vera_lambda_d" in got:
             _vera(adapter, module, got, shared, label, problems)
             continue
         else:
             A, B = got.get("lora_A"), got.get("lora_B")
-            transposed = fan_in_fan_out
+            transposed, embedding = fan_in_fan_out, False
         if A is None or B is None or A.dim() != 2 or B.dim() != 2:
             problems.add(label, "needs a 2-D A and B factor", f"found {sorted(got)}")
             continue
@@ -205,6 +206,7 @@ def _collect(adapter: Adapter, tensors: Checkpoint, problems: ProblemCollector) 
             _scale(config, module),
             transposed,
             magnitude=None if magnitude is None else magnitude.float(),
+            embedding=embedding,
         )
 
 
@@ -266,9 +268,7 @@ def fit_to(
             if inp > f.A.shape[1]:
                 problems.add(f"{where}: {target}", f"VeRA projection is narrower than {shape}")
                 continue
-            f = Factors(
-                f.A[:, :inp], f.B, f.scale, f.transposed, lambda_b=f.lambda_b, lambda_d=f.lambda_d
-            )
+            f = dataclasses.replace(f, A=f.A[:, :inp])
             adapter.modules[target] = f
         if tuple(shape) != f.shape:
             problems.add(
@@ -329,6 +329,7 @@ def write_lora(
     base_model: str | None,
     full: dict[str, torch.Tensor] | None = None,
     transposed: bool = False,
+    embeddings: set[str] | frozenset[str] = frozenset(),
     dtype: torch.dtype = torch.float32,
     force: bool = False,
     extra_files: dict[str, str] | None = None,
@@ -336,7 +337,8 @@ def write_lora(
     """Write a LoRA adapter folder atomically: base tensor name -> (B, A) with ΔW = B·A.
 
     `full` tensors are written as `modules_to_save` copies. Rank-0 modules (a zero update) are
-    left out. `transposed` marks Conv1D-style (in × out) weights (`fan_in_fan_out`).
+    left out. `transposed` marks Conv1D-style (in × out) weights (`fan_in_fan_out`);
+    `embeddings` names the embedding weights, written as `lora_embedding_A` / `_B`.
     """
     full = full or {}
     modules: dict[str, int] = {}
@@ -346,8 +348,13 @@ def write_lora(
             continue
         module = target.removesuffix(".weight")
         modules[module] = int(A.shape[0])
-        state[f"{PREFIX}{module}.lora_A.weight"] = A.to(dtype).contiguous()
-        state[f"{PREFIX}{module}.lora_B.weight"] = B.to(dtype).contiguous()
+        a_name, b_name = (
+            ("lora_embedding_A", "lora_embedding_B")
+            if target in embeddings
+            else ("lora_A.weight", "lora_B.weight")
+        )
+        state[f"{PREFIX}{module}.{a_name}"] = A.to(dtype).contiguous()
+        state[f"{PREFIX}{module}.{b_name}"] = B.to(dtype).contiguous()
     for target, tensor in full.items():
         state[f"{PREFIX}{target}"] = tensor.contiguous()
     saved = sorted({t.removesuffix(".weight").rsplit(".", 1)[-1] for t in full}) or None
