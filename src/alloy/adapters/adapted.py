@@ -94,6 +94,30 @@ def open_adapted(
     return AdaptedCheckpoint(checkpoint, loaded, f"{base}+{adapter}")
 
 
+def fold_into(module: torch.nn.Module, spec: str | os.PathLike[str]) -> None:
+    """Overwrite the tensors an adapter changes in `module` (BASE, loaded by transformers) with
+    their folded values, as read from `BASE+ADAPTER`: the module then computes what the folded
+    model on disk would, in the dtype it was loaded in.
+
+    Raises:
+        CheckpointError: the adapter is missing, or changes a tensor the module does not have.
+        InputError: the adapter is unreadable or does not fit BASE.
+    """
+    with open_model(spec) as adapted:
+        if not isinstance(adapted, AdaptedCheckpoint):
+            return
+        state = module.state_dict()
+        missing = [name for name in adapted.adapter.names if name not in state]
+        if missing:
+            raise CheckpointError(
+                f"{spec}: the loaded model has no parameter {missing[0]!r}"
+                + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""),
+            )
+        with torch.no_grad():
+            for name in adapted.adapter.names:
+                state[name].copy_(adapted.read(name))
+
+
 def open_model(spec: str | os.PathLike[str], *, allow_pickle: bool = False) -> Checkpoint:
     """A model folder, a `.safetensors` file, or `BASE+ADAPTER` (the adapter folded on read)."""
     base, adapter = split_spec(spec)

@@ -138,14 +138,24 @@ def _check_weights(model: Any, folder: Path) -> None:
 
 def load_pretrained(folder: Path, loader: Any, what: str = "", **kwargs: Any) -> Any:
     """`loader.from_pretrained(folder, **kwargs)`, its failures turned into a CheckpointError
-    naming the folder (`what` names the role, e.g. "ensemble member x")."""
+    naming the folder (`what` names the role, e.g. "ensemble member x").
+
+    `folder` may be `BASE+ADAPTER`: configs and tokenizers are BASE's, and a model is BASE with
+    the PEFT adapter folded into its weights (alloy.adapters.adapted.fold_into).
+    """
+    from alloy.adapters.adapted import fold_into, split_spec
+
+    base, adapter = split_spec(folder)
     try:
-        return loader.from_pretrained(folder, **kwargs)
+        loaded = loader.from_pretrained(base, **kwargs)
     except (OSError, ValueError, KeyError) as exc:
         raise CheckpointError(
             f"cannot load {what or folder}",
-            [Problem(str(folder), str(exc).splitlines()[0], "is it a complete model folder?")],
+            [Problem(str(base), str(exc).splitlines()[0], "is it a complete model folder?")],
         ) from exc
+    if adapter is not None and isinstance(loaded, torch.nn.Module):
+        fold_into(loaded, folder)
+    return loaded
 
 
 def load_scorer(
@@ -156,7 +166,8 @@ def load_scorer(
     allow_pickle: bool = False,
     name: str | None = None,
 ) -> ModelScorer:
-    """Load a model folder as a scorer (fp32 by default: this CPU has no fast bf16 matmul).
+    """Load a model folder, or `BASE+ADAPTER` (the adapter folded in), as a scorer (fp32 by
+    default: this CPU has no fast bf16 matmul).
 
     A folder whose config names a `...ForSequenceClassification` architecture loads as a reward
     model; anything else as a causal LM.
@@ -168,8 +179,10 @@ def load_scorer(
         AutoTokenizer,
     )
 
+    from alloy.adapters.adapted import split_spec
+
     folder = Path(path)
-    if not (folder / "config.json").is_file():
+    if not (split_spec(folder)[0] / "config.json").is_file():
         raise CheckpointError(
             f"cannot evaluate {folder}",
             [Problem(str(folder), "no config.json", "pass a Hugging Face model folder")],

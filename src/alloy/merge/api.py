@@ -10,10 +10,12 @@ from typing import Any
 
 import torch
 
+from alloy.adapters import open_model
 from alloy.errors import IncompatibleModelsError, InputError
-from alloy.io import CardInput, Checkpoint, model_card
+from alloy.io import CardInput, model_card
 from alloy.io.atomic import check_output_folder
 from alloy.io.writer import DEFAULT_MAX_SHARD_BYTES
+from alloy.merge.compat import card_parts
 from alloy.merge.engine import Progress, execute
 from alloy.merge.plan import MergePlan, plan_merge, tensor_seed
 from alloy.merge.recipe import Recipe, load_recipe
@@ -77,20 +79,19 @@ def _card_later(
 ) -> Callable[[], str]:
     recipe = merge_plan.recipe
     roles = {str(recipe.base_model): "base"} if recipe.base_model else {}
-    futures: list[Future[CardInput] | None] = []
+    # One row per input; a BASE+ADAPTER input gives two, the base and the adapter, both hashed.
+    parts: list[tuple[str, Path, list[Path]]] = []
     for path in merge_plan.paths:
-        with Checkpoint.open(path, allow_pickle=allow_pickle) as checkpoint:
-            files = list(checkpoint.files)
-        role = roles.get(str(path), "model")
-        if hasher is None:
-            futures.append(None)
-        else:
-            futures.append(hasher.submit(CardInput.of, role, path, files))
+        with open_model(path, allow_pickle=allow_pickle) as checkpoint:
+            parts += card_parts(roles.get(str(path), "model"), checkpoint)
+    futures: list[Future[CardInput] | None] = [
+        hasher.submit(CardInput.of, *part) if hasher is not None else None for part in parts
+    ]
 
     def render() -> str:
         inputs = [
-            future.result() if future is not None else CardInput(roles.get(str(p), "model"), str(p))
-            for p, future in zip(merge_plan.paths, futures, strict=True)
+            future.result() if future is not None else CardInput(role, str(path))
+            for (role, path, _), future in zip(parts, futures, strict=True)
         ]
         return model_card(
             title=recipe.name

@@ -3,25 +3,46 @@
 Every problem is collected (nothing is raised half-way) so the user sees them all at once:
 missing or unreadable models, different architectures or vocabularies, a tokenizer source that
 maps tokens differently.
+
+An input may be `BASE+ADAPTER` (mergekit's spelling): it opens as an `AdaptedCheckpoint` that
+folds the PEFT adapter into each tensor as it is read, with BASE's path, config and side files.
+A missing base, a missing adapter and an adapter made for another base each get their own
+message, under the YAML key that names the input.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from alloy.errors import CheckpointError, Problem, ProblemCollector
+from alloy.adapters import AdaptedCheckpoint, open_model, split_spec
+from alloy.adapters.peftfile import WEIGHTS
+from alloy.errors import AlloyError, CheckpointError, InputError, Problem, ProblemCollector
 from alloy.io import Checkpoint
 from alloy.merge.recipe import Recipe
 
 
-def open_inputs(paths: Sequence[Path], allow_pickle: bool) -> list[Checkpoint]:
-    """Open every input (headers only); raise one CheckpointError listing every unreadable one."""
+def open_inputs(
+    paths: Sequence[Path], allow_pickle: bool, keys: Mapping[str, str] | None = None
+) -> list[Checkpoint]:
+    """Open every input (headers only; a `BASE+ADAPTER` input also reads its adapter's small
+    tensors); raise one CheckpointError listing every unreadable one.
+
+    Args:
+        keys: input path -> the YAML key that names it (e.g. `models[1].model`), for messages.
+    """
     problems = ProblemCollector()
     opened: list[Checkpoint] = []
     for path in paths:
+        base, adapter = split_spec(path)
+        if adapter is not None:
+            label = f"{keys[str(path)]}: {path}" if keys and str(path) in keys else str(path)
+            checkpoint = _open_adapted(path, base, adapter, label, allow_pickle, problems)
+            if checkpoint is not None:
+                opened.append(checkpoint)
+            continue
         if not path.exists():
             hint = (
                 "alloy never downloads; fetch it first (e.g. `hf download "
@@ -40,6 +61,50 @@ def open_inputs(paths: Sequence[Path], allow_pickle: bool) -> list[Checkpoint]:
             checkpoint.close()
     problems.raise_if_any(CheckpointError, "cannot read the input models")
     return opened
+
+
+def _open_adapted(
+    spec: Path,
+    base: Path,
+    adapter: Path,
+    label: str,
+    allow_pickle: bool,
+    problems: ProblemCollector,
+) -> Checkpoint | None:
+    """Open `BASE+ADAPTER`, or add why not to `problems` (each part checked on its own)."""
+    found = True
+    if not base.exists():
+        hint = "BASE+ADAPTER folds ADAPTER into the model folder BASE; check the part before '+'"
+        problems.add(label, f"no such base model folder {base}", hint)
+        found = False
+    if not adapter.exists():
+        hint = "give a folder written by PeftModel.save_pretrained after the '+'"
+        problems.add(label, f"no such adapter folder {adapter}", hint)
+        found = False
+    if not found:
+        return None
+    try:
+        return open_model(spec, allow_pickle=allow_pickle)
+    except InputError as exc:  # the base is unreadable, or the adapter (or its fit to the base)
+        problems.extend(_failure(label, exc))
+    return None
+
+
+def _failure(label: str, exc: AlloyError) -> list[Problem]:
+    """An error's problems under the input's label (the first line says which input it was)."""
+    return [Problem(label, exc.message), *exc.problems]
+
+
+def card_parts(role: str, checkpoint: Checkpoint) -> list[tuple[str, Path, list[Path]]]:
+    """(role, path, weight files) of one input for its model card: the checkpoint itself, or
+    for `BASE+ADAPTER` the base and then the adapter (so both are named and hashed)."""
+    if isinstance(checkpoint, AdaptedCheckpoint):
+        folder = checkpoint.adapter.path
+        return [
+            (role, checkpoint.path, list(checkpoint.files)),
+            (f"{role} adapter", folder, [folder / WEIGHTS]),
+        ]
+    return [(role, checkpoint.path, list(checkpoint.files))]
 
 
 def check_compatible(
@@ -98,10 +163,15 @@ def choose_tokenizer_donor(recipe: Recipe, donor: Path, problems: ProblemCollect
         if recipe.base_model is None:
             problems.add("tokenizer_source", "'base' but the recipe has no base_model")
             return donor
-        return Path(recipe.base_model)
-    path = Path(source)
+        return split_spec(recipe.base_model)[0]  # BASE+ADAPTER: side files come from BASE
+    path, adapter = split_spec(source)
+    if adapter is not None and not adapter.exists():
+        problems.add("tokenizer_source", f"{source}: no such adapter folder {adapter}")
     if not path.is_dir():
-        problems.add("tokenizer_source", f"{source}: no such model folder")
+        what = (
+            f"no such base model folder {path}" if adapter is not None else "no such model folder"
+        )
+        problems.add("tokenizer_source", f"{source}: {what}")
         return donor
     ours, theirs = vocabulary_digest(donor), vocabulary_digest(path)
     if ours is not None and theirs is not None and ours != theirs:

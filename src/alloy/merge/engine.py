@@ -15,6 +15,10 @@ Stages run at once:
                        run on worker threads, several at once; streamed tensors run in order on
                        the calling thread.
 File reads and writes and torch kernels release the GIL, so the stages overlap on CPU cores.
+
+A `BASE+ADAPTER` input is an `AdaptedCheckpoint` (alloy.adapters): its reads, whole or by row
+block, fold the adapter's update into the base rows on the reader threads, so it streams like a
+folded model on disk and memory holds only the adapter's small factors besides.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from alloy.adapters import open_model
 from alloy.device import resolve_device  # `--device` parsing lives in alloy.device
 from alloy.io import Checkpoint, CheckpointWriter, TensorSpec
 from alloy.io.writer import DEFAULT_MAX_SHARD_BYTES
@@ -97,7 +102,7 @@ def execute(
     specs = [TensorSpec(job.name, job.shape, job.out_dtype) for job in plan.jobs]
     with ExitStack() as stack:
         checkpoints = [
-            stack.enter_context(Checkpoint.open(p, allow_pickle=allow_pickle)) for p in plan.paths
+            stack.enter_context(open_model(p, allow_pickle=allow_pickle)) for p in plan.paths
         ]
         writer = stack.enter_context(
             CheckpointWriter(

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from alloy.adapters import AdaptedCheckpoint
 from alloy.errors import IncompatibleModelsError, InputError, ProblemCollector, RecipeError
 from alloy.io import Checkpoint, choose_donor
 from alloy.io.modelinfo import (
@@ -82,6 +83,8 @@ class MergePlan:
     compute_dtype: torch.dtype
     config_updates: dict[str, Any]
     warnings: list[str] = field(default_factory=list)
+    # inputs given as BASE+ADAPTER (index into `paths`) -> what is folded in on read
+    adapters: dict[int, str] = field(default_factory=dict)
 
     @property
     def output_bytes(self) -> int:
@@ -93,7 +96,10 @@ class MergePlan:
         lines = [
             f"method     {self.method.name}",
             f"inputs     {len(self.paths)}",
-            *(f"  [{k}] {p}" for k, p in enumerate(self.paths)),
+            *(
+                f"  [{k}] {p}" + (f"  ({self.adapters[k]})" if k in self.adapters else "")
+                for k, p in enumerate(self.paths)
+            ),
             f"donor      {self.donor}"
             + (
                 f" (tokenizer: {self.tokenizer_donor})"
@@ -190,7 +196,8 @@ def plan_merge(recipe: Recipe, *, allow_pickle: bool = False) -> MergePlan:
     """
     method = recipe.method
     paths = [Path(p) for p in recipe.model_paths()]
-    checkpoints = open_inputs(paths, allow_pickle)
+    keys = {str(Path(model)): key for model, key in recipe.model_keys().items()}
+    checkpoints = open_inputs(paths, allow_pickle, keys)
     index = {str(p): k for k, p in enumerate(paths)}
     try:
         by_path = {str(p): c for p, c in zip(paths, checkpoints, strict=True)}
@@ -352,10 +359,19 @@ def plan_merge(recipe: Recipe, *, allow_pickle: bool = False) -> MergePlan:
             compute_dtype=compute_dtype,
             config_updates=config_updates,
             warnings=warnings,
+            adapters={
+                k: _folded(c) for k, c in enumerate(checkpoints) if isinstance(c, AdaptedCheckpoint)
+            },
         )
     finally:
         for checkpoint in checkpoints:
             checkpoint.close()
+
+
+def _folded(checkpoint: AdaptedCheckpoint) -> str:
+    """'LORA adapter folded into 14 tensors on read' (for the plan's summary)."""
+    adapter = checkpoint.adapter
+    return f"{adapter.peft_type} adapter folded into {len(adapter.names)} tensors on read"
 
 
 def _groups(recipe: Recipe, by_path: dict[str, Checkpoint]) -> list[_Group]:

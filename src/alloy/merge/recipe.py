@@ -42,7 +42,8 @@ class _Strict(StrictModel):
     mergekit_only: ClassVar[frozenset[str]] = frozenset()
 
 
-# A model folder (or mergekit's hub name); an empty string names nothing.
+# A model folder (or mergekit's hub name), or `BASE+ADAPTER` (a PEFT adapter folded into BASE on
+# read, see alloy.adapters); an empty string names nothing.
 ModelPath = Annotated[str, Field(min_length=1)]
 
 
@@ -97,6 +98,18 @@ class Recipe(_Strict):
             paths += [source.model for source in s.sources]
             paths += [s.base_model] if s.base_model else []
         return list(dict.fromkeys(paths))
+
+    def model_keys(self) -> dict[str, str]:
+        """Each model the recipe names -> the YAML key that names it first (for messages)."""
+        keys = {self.base_model: "base_model"} if self.base_model else {}
+        for i, entry in enumerate(self.models or []):
+            keys.setdefault(entry.model, f"models[{i}].model")
+        for i, s in enumerate(self.slices or []):
+            for j, source in enumerate(s.sources):
+                keys.setdefault(source.model, f"slices[{i}].sources[{j}].model")
+            if s.base_model:
+                keys.setdefault(s.base_model, f"slices[{i}].base_model")
+        return keys
 
     def parameter(
         self,

@@ -21,6 +21,9 @@ per expert (noise std as a fraction of each weight's own std), `seed` (noise and
 are seeded, so the same recipe gives the same bytes), and sparse upcycling: give `num_experts`
 and no `experts`, and every expert is a copy of the base MLP (`relative_noise` defaults to 0.01
 there, so that the copies can drift apart in training).
+
+Any model may be `BASE+ADAPTER` (mergekit's spelling): a PEFT adapter folded into BASE as each
+tensor is read (see alloy.adapters), e.g. one LoRA fine-tune of a shared base per expert.
 """
 
 from __future__ import annotations
@@ -106,6 +109,15 @@ class MoeRecipe:
         if self.shared is not None:
             paths.append(self.shared.source)
         return list(dict.fromkeys(paths))
+
+    def source_keys(self) -> dict[str, str]:
+        """Each model folder -> the YAML key that names it first (for messages)."""
+        keys = {str(self.base): "base_model"}
+        for i, expert in enumerate(self.experts):
+            keys.setdefault(str(expert.source), f"experts.{i}.source_model")
+        if self.shared is not None:
+            keys.setdefault(str(self.shared.source), "shared_experts.0.source_model")
+        return keys
 
 
 def load_moe_recipe(

@@ -108,15 +108,19 @@ def prompted_routers(
     device: str = "cpu",
 ) -> torch.Tensor:
     """(L, E, H) fp32 routers of `hidden` or `cheap_embed` from each expert's (positive, negative)
-    prompts, read with the base model in `base`. An expert without prompts gets zeros."""
+    prompts, read with the base model in `base`. An expert without prompts gets zeros.
+
+    `base` may be `BASE+ADAPTER`: the tokenizer is BASE's, and the embeddings and hidden states
+    are those of BASE with the adapter folded in.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from alloy.adapters import open_model
     from alloy.eval.scorer import load_pretrained, start_ids
-    from alloy.io import Checkpoint
 
     tokenizer = load_pretrained(base, AutoTokenizer, "the base model's tokenizer")
     skip = len(start_ids(tokenizer))
-    with Checkpoint.open(base) as checkpoint:
+    with open_model(base) as checkpoint:
         context = (checkpoint.config or {}).get("max_position_embeddings")
         embedding = checkpoint.model_info().input_embedding
         embed = checkpoint.read(embedding) if mode == "cheap_embed" and embedding else None

@@ -6,6 +6,8 @@ optional noise and residual scale), a router initialised by the recipe's gate mo
 Qwen2-MoE a shared expert with its sigmoid gate. Every check runs on headers and configs before a
 weight is read; the output is written tensor by tensor (memory: one tensor at a time, plus the
 base model when routing from hidden states) into a folder that appears only when complete.
+A `BASE+ADAPTER` model is read through alloy.adapters, its adapter folded in tensor by tensor;
+its config and side files are BASE's.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from alloy.errors import IncompatibleModelsError, ProblemCollector
 from alloy.io import CardInput, Checkpoint, CheckpointWriter, TensorSpec, model_card
 from alloy.io.atomic import check_output_folder
 from alloy.io.format import DTYPES
-from alloy.merge.compat import check_compatible, open_inputs
+from alloy.merge.compat import card_parts, check_compatible, open_inputs
 from alloy.moe.architectures import (
     ARCHITECTURES,
     PROJECTIONS,
@@ -178,7 +180,7 @@ def check_moe(
     """
     if not isinstance(recipe, MoeRecipe):
         recipe = load_moe_recipe(recipe)
-    opened = open_inputs(recipe.sources, allow_pickle)
+    opened = open_inputs(recipe.sources, allow_pickle, recipe.source_keys())
     try:
         return _checked_plan(recipe, dict(zip(recipe.sources, opened, strict=True)))
     finally:
@@ -215,7 +217,7 @@ def upcycle(
     out = Path(out)
     check_output_folder(out, force=force)
     say = progress or (lambda _message: None)
-    opened = open_inputs(recipe.sources, allow_pickle)
+    opened = open_inputs(recipe.sources, allow_pickle, recipe.source_keys())
     checkpoints = dict(zip(recipe.sources, opened, strict=True))
     try:
         plan = _checked_plan(recipe, checkpoints)
@@ -235,7 +237,7 @@ def upcycle(
         extra = {"config.json": json.dumps(plan.config, indent=2, sort_keys=True) + "\n"}
         extra[RECIPE_FILE] = recipe.text
         with CheckpointWriter(
-            out, specs, force=force, donor=recipe.base, model_card=card, extra_files=extra
+            out, specs, force=force, donor=base.path, model_card=card, extra_files=extra
         ) as writer:
             for n in plan.copied:
                 writer.write(n, base.read(n).to(plan.dtype))
@@ -356,8 +358,9 @@ def _card(
 
     def render() -> str:
         inputs = [
-            CardInput.of("base" if path == recipe.base else "expert", path, checkpoint.files)
+            CardInput.of(*part)
             for path, checkpoint in checkpoints.items()
+            for part in card_parts("base" if path == recipe.base else "expert", checkpoint)
         ]
         experts = ", ".join(f"`{e.name}`" for e in recipe.experts)
         summary = (
