@@ -431,7 +431,7 @@ def _write_folded(
             writer.write(name, tensor)
 
 
-def fold_into(
+def fold_adapter(
     base: str | os.PathLike[str],
     adapter: str | os.PathLike[str],
     out: str | os.PathLike[str],

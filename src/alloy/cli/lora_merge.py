@@ -138,7 +138,7 @@ def fold(
 ) -> None:
     """Write BASE with ADAPTER folded in (what PEFT's merge_and_unload gives), streamed tensor
     by tensor in the base's dtypes; LoRA, rsLoRA, DoRA and VeRA."""
-    from alloy.adapters.combine import fold_into
+    from alloy.adapters.combine import fold_adapter
 
-    path = fold_into(base, adapter, out, force=force)
+    path = fold_adapter(base, adapter, out, force=force)
     Console(stderr=True, highlight=False).print(f"wrote {path}")
