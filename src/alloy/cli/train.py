@@ -120,11 +120,18 @@ def train_command(
         list[str] | None,
         typer.Option("--set", help="Replace a recipe value: KEY=VALUE, dotted (repeatable)."),
     ] = None,
+    merge: Annotated[
+        bool,
+        typer.Option(
+            "--merge", help="With adapter: write the start model with the adapter folded in."
+        ),
+    ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
 ) -> None:
     """Train a model as RECIPE says (objectives: causal_lm, sft, distill) and write it to OUT.
 
-    Works unchanged under `accelerate launch` (DDP, FSDP, DeepSpeed).
+    With `adapter:` (LoRA, DoRA, VeRA) OUT is a PEFT adapter folder, or with --merge the folded
+    model. Works unchanged under `accelerate launch` (DDP, FSDP, DeepSpeed).
     """
     from alloy.io.writable import check_writable
     from alloy.io.yamlfile import read_recipe
@@ -132,6 +139,7 @@ def train_command(
     from alloy.train import load_train_recipe
     from alloy.train import train as run_train
     from alloy.train.recycle import is_recycle_recipe
+    from alloy.train.run import wants_merge
 
     values = parse_overrides(overrides or [])
     raw, _ = read_recipe(recipe, "training recipe", "objective:, model:, data:, ...")
@@ -139,6 +147,7 @@ def train_command(
         _recycle(recipe, out, force=force, dry_run=dry_run, quiet=quiet, overrides=values)
         return
     loaded = load_train_recipe(recipe, overrides=values)
+    wants_merge(loaded, merge)  # --merge without an adapter: refused before any work
     if plot_schedule is not None:
         check_writable(plot_schedule, "--plot-schedule", folder=False)
     if out is not None and not dry_run:
@@ -179,6 +188,7 @@ def train_command(
             on_row=progress.row,
             on_plan=progress.start_plan,
             command=command,
+            merge=merge,
         )
     if not quiet:
         typer.echo(

@@ -1,4 +1,9 @@
-"""What a finished run leaves behind: the model folder, its card, curves and the metrics."""
+"""What a finished run leaves behind: the model folder, its card, curves and the metrics.
+
+With an adapter, the model folder is the PEFT adapter (kept in float32: it is small, and PEFT
+casts it to the base's dtype when it loads), or with `merge` the start model with the adapter
+folded in, written like a full run's model in the start model's dtype.
+"""
 
 from __future__ import annotations
 
@@ -57,15 +62,21 @@ def write_outputs(
     force: bool,
     command: str | None,
     result: Any,
+    merge: bool = False,
 ) -> None:
     """Write OUT. Called on every process: the weights go through `Trainer.save_model`, which
-    gathers sharded (FSDP, DeepSpeed ZeRO-3) weights; only the main process writes the rest."""
+    gathers sharded (FSDP, DeepSpeed ZeRO-3) weights; only the main process writes the rest.
+
+    With an adapter the staged folder is the adapter; `merge` folds it (and each average) into
+    the start model, read again from disk, so it works whatever sharded the training."""
+    from alloy.train.adapter import ADAPTER_WEIGHTS, fold_adapter
     from alloy.train.run import summary_json, write_json
 
+    base = plan.recipe.spec.model.path if plan.recipe.spec.adapter is not None else None
     trainer.save_model(str(staging))
     if not trainer.is_world_process_zero():
         return
-    with Checkpoint.open(staging) as weights:
+    with Checkpoint.open(staging if base is None else staging / ADAPTER_WEIGHTS) as weights:
         check_finite(
             ((name, weights.read(name)) for name in weights),
             out,
@@ -74,20 +85,32 @@ def write_outputs(
         )
     model = trainer.accelerator.unwrap_model(trainer.model)
     dtype = save_dtype(plan)
+    # A full model is cast to the start's dtype; an adapter stays float32 unless folded.
+    cast = dtype != torch.float32 and (base is None or merge)
+
+    def place(folder: Path, dest: Path) -> None:
+        """Move a saved model (or fold a saved adapter) into `dest`, with the tokenizer."""
+        if base is not None and merge:
+            fold_adapter(folder, dest, base=base)
+        else:
+            dest.mkdir(exist_ok=True)
+            for path in folder.iterdir():
+                # training_args.bin pickles TrainingArguments: not ours to ship; README.md is
+                # PEFT's template card (OUT gets alloy's)
+                if path.name not in ("training_args.bin", "README.md"):
+                    path.rename(dest / path.name)
+        plan.tokenizer.save_pretrained(dest)
+        if cast:
+            cast_folder(dest, dtype)
+
     with AtomicFolder(out, force=force) as tmp:
-        for path in staging.iterdir():
-            if path.name != "training_args.bin":  # a pickle of TrainingArguments: not ours to ship
-                path.rename(tmp / path.name)
-        plan.tokenizer.save_pretrained(tmp)
-        if dtype != torch.float32:
-            cast_folder(tmp, dtype)
+        place(staging, tmp)
         if averaging is not None:
             for name, averager in averaging.averagers.items():
                 if averager.count:
-                    folder = tmp / f"averaged-{name}"
-                    averager.save_pretrained(model, folder, tokenizer=plan.tokenizer)
-                    if dtype != torch.float32:
-                        cast_folder(folder, dtype)
+                    saved = staging.parent / f"averaged-{name}"
+                    averager.save_pretrained(model, saved, force=True)
+                    place(saved, tmp / f"averaged-{name}")
         if snapshots.is_dir():
             snapshots.rename(tmp / "snapshots")
         folder = tmp / "training"
@@ -155,6 +178,14 @@ def card(plan: Any, result: Any, command: str | None) -> str:
         f"| final training loss | {result.final_loss:.4f} |",
         f"| time | {result.seconds:,.0f} s on {plan.world} process(es) |",
     ]
+    if plan.adapter is not None:
+        lines.append(f"| adapter | {plan.adapter.summary().removeprefix('adapter: ')} |")
+    if result.parameters:
+        share = result.trainable_parameters / result.parameters
+        lines.append(
+            f"| trainable parameters | {result.trainable_parameters:,} of "
+            f"{result.parameters:,} ({share:.2%}) |"
+        )
     if result.metrics and spec.replay is not None:
         lines.append(f"| replay share of tokens | {result.metrics[-1]['replay_fraction']:.4f} |")
     for name, scores in (result.eval or {}).items():

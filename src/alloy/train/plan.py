@@ -1,6 +1,7 @@
 """A training run resolved from its recipe before any weight is loaded: batches, steps, rows.
 
-`plan_training` reads the tokenizer and the data (every problem of every file reported at once),
+`plan_training` checks an adapter or GaLore's targets against the model's modules (adapter.py),
+reads the tokenizer and the data (every problem of every file reported at once),
 decides the batch split (global batch = micro batch x accumulation x processes), the number of
 steps (from max_steps, max_tokens or epochs), the exact row of every step (packing.py) and the
 schedule; `TrainPlan.summary()` is what `alloy train --dry-run` prints.
@@ -18,6 +19,13 @@ from typing import Any
 import numpy as np
 
 from alloy.errors import InputError, Problem
+from alloy.train.adapter import (
+    GALORE_OPTIMIZERS,
+    AdapterPlan,
+    GaLorePlan,
+    plan_adapter,
+    plan_galore,
+)
 from alloy.train.data import TokenizedSource, load_sources, resolve_sources
 from alloy.train.objectives import OBJECTIVES, ObjectiveSpec
 from alloy.train.packing import BlockRows, ExampleRows, Rows, TrainRows, mixture_order
@@ -52,6 +60,8 @@ class TrainPlan:
     schedule: Schedule
     row_tokens: np.ndarray  # (N,) tokens of each row of the run
     notes: list[str] = field(default_factory=list)
+    adapter: AdapterPlan | None = None  # what an `adapter:` trains
+    galore: GaLorePlan | None = None  # the matrices a GaLore optimizer projects
 
     @property
     def batch_size(self) -> int:
@@ -80,11 +90,14 @@ class TrainPlan:
         layers = int(getattr(config, "num_hidden_layers", 0) or getattr(config, "n_layer", 0) or 0)
         vocab = int(getattr(config, "vocab_size", 0) or 0)
         tokens = self.micro_batch * self.sequence_length
+        trained = self.adapter.trainable if self.adapter is not None else params
         optimizer = 8 if self.recipe.spec.optimizer.name == "adamw" else 4
         estimate = {
-            "weights": 4.0 * params,
-            "gradients": 4.0 * params,
-            "optimizer": float(optimizer * params),
+            "weights": 4.0 * (params if self.adapter is None else self.adapter.total),
+            "gradients": 4.0 * trained,
+            "optimizer": float(optimizer * trained)
+            if self.galore is None
+            else self.galore.optimizer_bytes(params),
             # about 34 bytes per token, layer and hidden unit for a transformer block kept for
             # backward in fp32 (Korthikanti et al. 2022, without recomputation), halved for bf16
             "activations": 34.0 * tokens * hidden * layers / (2 if self.precision_half else 1),
@@ -134,6 +147,13 @@ class TrainPlan:
         total = sum(memory.values())
         parts = ", ".join(f"{k} {v / 2**30:.2f}" for k, v in memory.items())
         lines.append(f"memory: about {total / 2**30:.2f} GiB per process ({parts} GiB)")
+        if self.adapter is not None:
+            lines.append(self.adapter.summary())
+        if self.galore is not None:
+            lines.append(
+                f"optimizer: GaLore rank {self.galore.rank} on {len(self.galore.targets)} "
+                "weight matrices"
+            )
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
 
@@ -194,6 +214,10 @@ def plan_training(
     world = world or world_size()
     micro, accumulation = split_batch(spec, world)
     config, tokenizer = load_config_and_tokenizer(recipe)
+    adapter = plan_adapter(spec.adapter, config) if spec.adapter is not None else None
+    galore = (
+        plan_galore(spec.optimizer, config) if spec.optimizer.name in GALORE_OPTIMIZERS else None
+    )
     context = int(
         getattr(config, "max_position_embeddings", 0) or getattr(config, "n_positions", 0) or 0
     )
@@ -266,6 +290,13 @@ def plan_training(
     )
     schedule = build_schedule(spec.schedule, steps)
     _check_schedule_fits(schedule, steps)
+    if galore is not None:
+        full = [name for name, shape in galore.targets if min(shape) <= galore.rank]
+        if full:
+            notes.append(
+                f"GaLore rank {galore.rank} is not below the smaller side of {len(full)} of its "
+                f"{len(galore.targets)} matrices (e.g. {full[0]}): they get full-rank updates"
+            )
     return TrainPlan(
         recipe,
         objective,
@@ -283,6 +314,8 @@ def plan_training(
         schedule,
         row_tokens,
         notes,
+        adapter,
+        galore,
     )
 
 

@@ -8,6 +8,7 @@
     replay: {data: [{corpus: drama}], fraction: 0.05}   # old-distribution share of every batch
     schedule: {name: rewarm, lr: 1e-3, min_lr: 1e-4, warmup: 20}
     optimizer: {name: adamw, weight_decay: 0.1, betas: [0.9, 0.95], max_grad_norm: 1.0}
+    adapter: {type: lora, rank: 8, alpha: 16, target_modules: [q_proj, v_proj]}  # adapter.py
     averaging: {ema: {decay: 0.99}}  # AveragingCallback options, by name
     eval: {data: [{corpus: fiction, split: validation}], every: 50, max_tokens: 16384}
     max_tokens: 1_000_000           # or max_steps: N, or epochs: E
@@ -32,6 +33,7 @@ from pydantic import Field, model_validator
 
 from alloy.errors import ProblemCollector, RecipeError, did_you_mean
 from alloy.io.yamlfile import StrictModel, read_recipe, validate_schema
+from alloy.train.adapter import GALORE_OPTIMIZERS, AdapterEntry, adapter_issues, galore_issues
 from alloy.train.schedule_checks import Issue, schedule_issues
 
 Number = float | int
@@ -40,7 +42,12 @@ Split = Literal["train", "validation", "test"]
 DataKind = Literal["auto", "text", "completion", "messages"]
 # AdamW is torch's fused kernel (CPU and CUDA), a bare Trainer's default: the same update as
 # the per-tensor loop, in one pass over the parameters.
-OPTIMIZERS = {"adamw": "adamw_torch_fused", "sgd": "sgd", "adafactor": "adafactor"}
+OPTIMIZERS = {
+    "adamw": "adamw_torch_fused",
+    "sgd": "sgd",
+    "adafactor": "adafactor",
+    **GALORE_OPTIMIZERS,  # AdamW on low-rank projections of the gradients (adapter.py)
+}
 DEFAULT_LAB = "runs/lab"
 
 
@@ -89,6 +96,11 @@ class OptimizerEntry(_Strict):
     eps: Number = Field(default=1e-8, gt=0)
     momentum: Number = Field(default=0.0, ge=0, lt=1)  # sgd only
     max_grad_norm: Number | None = Field(default=1.0, gt=0)
+    # galore_adamw only (defaults: adapter.GALORE_DEFAULTS)
+    rank: int | None = Field(default=None, ge=1)
+    update_proj_gap: int | None = Field(default=None, ge=1)
+    scale: Number | None = Field(default=None, gt=0)
+    target_modules: list[str] | str | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -147,6 +159,7 @@ class TrainRecipe(_Strict):
     schedule: dict[str, Any]
     optimizer: OptimizerEntry = Field(default_factory=OptimizerEntry)
     teacher: TeacherEntry | None = None
+    adapter: AdapterEntry | None = None
     averaging: dict[str, dict[str, Any]] | None = None
     eval: EvalEntry | None = None
     seed: int = 0
@@ -282,6 +295,7 @@ def recipe_issues(recipe: Recipe, *, check_paths: bool = True) -> list[Issue]:
         issues += _teacher_issues(spec.teacher, check_paths)
     if spec.averaging is not None:
         issues += _averaging_issues(spec.averaging)
+    issues += adapter_issues(spec)
     window, stride = (spec.eval.window, spec.eval.stride) if spec.eval else (None, None)
     if window and stride and stride > window:
         issues.append(("eval.stride", f"{stride} is larger than the window {window}", None))
@@ -341,7 +355,7 @@ def _optimizer_issues(optimizer: OptimizerEntry) -> list[Issue]:
         )
     if optimizer.momentum and optimizer.name != "sgd":
         issues.append(("optimizer.momentum", "applies to sgd only", None))
-    return issues
+    return issues + galore_issues(optimizer)
 
 
 def _data_issues(recipe: Recipe, check_paths: bool) -> list[Issue]:

@@ -10,6 +10,10 @@ Folders:
                                README.md (model card), training/ (recipe.yaml, metrics.csv,
                                eval.csv, curves.png, summary.json), averaged-<name>/ (weight
                                averages), snapshots/checkpoint-<step>/ (model-only snapshots)
+                               With `adapter:`, OUT is a PEFT adapter folder instead
+                               (adapter_config.json, adapter_model.safetensors, tokenizer, the
+                               same card and training/), or with `--merge` the start model with
+                               the adapter folded in, a plain HF folder; averages likewise
     OUT.checkpoints/           while the run lasts: Trainer's checkpoint-<step>/ folders
                                (resumable) and the snapshots; removed once OUT is written
 
@@ -25,6 +29,7 @@ import json
 import logging
 import os
 import shutil
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +54,8 @@ class TrainResult:
     eval: dict[str, Any]
     seconds: float
     metrics: list[dict[str, Any]]
+    trainable_parameters: int = 0
+    parameters: int = 0  # of the trained model (an adapter's included)
 
 
 def checkpoints_folder(out: Path) -> Path:
@@ -66,6 +73,7 @@ def train(
     on_row: Callable[[dict[str, Any]], None] | None = None,
     on_plan: Callable[[TrainPlan], None] | None = None,
     command: str | None = None,
+    merge: bool = False,
 ) -> TrainResult:
     """Train as `recipe` says and write the model to `out` (see the module docstring).
 
@@ -78,6 +86,8 @@ def train(
         say: where progress messages go (default: the log).
         on_row: called with each step's metrics row (main process only).
         on_plan: called with the plan once the data is checked, before weights load.
+        merge: with an `adapter:`, write the start model with the adapter folded in instead of
+            the adapter (as `adapter: {merge: true}` does).
     Raises:
         RecipeError, InputError: bad recipe, data or paths (nothing is written).
     """
@@ -85,6 +95,7 @@ def train(
     loaded = (
         recipe if isinstance(recipe, Recipe) else load_train_recipe(recipe, overrides=overrides)
     )
+    merge = wants_merge(loaded, merge)
     out = Path(out)
     run_dir = checkpoints_folder(out)
     _check_outputs(loaded, out, run_dir, resume=resume, force=force)
@@ -105,7 +116,23 @@ def train(
         say=say,
         on_row=on_row,
         command=command,
+        merge=merge,
     )
+
+
+def wants_merge(recipe: Recipe, merge: bool) -> bool:
+    """Whether OUT is the folded model (--merge or `adapter: {merge: true}`).
+
+    Raises:
+        InputError: --merge without an adapter to fold.
+    """
+    adapter = recipe.spec.adapter
+    if merge and adapter is None:
+        raise InputError(
+            "--merge folds a trained adapter into its start model, and the recipe has no adapter:",
+            [Problem("adapter", "missing", "add adapter: {type: lora}, or drop --merge")],
+        )
+    return merge or (adapter is not None and adapter.merge)
 
 
 def _main_process_first() -> Any:
@@ -197,6 +224,8 @@ def training_arguments(plan: TrainPlan, run_dir: Path) -> Any:
     extra: dict[str, Any] = {}
     if optimizer.name == "sgd" and optimizer.momentum:
         extra["optim_args"] = f"momentum={float(optimizer.momentum)}"
+    if plan.galore is not None:
+        extra.update(galore_arguments(optimizer))
     return TrainingArguments(
         output_dir=str(run_dir),
         max_steps=plan.steps,
@@ -227,6 +256,30 @@ def training_arguments(plan: TrainPlan, run_dir: Path) -> Any:
     )
 
 
+def galore_arguments(optimizer: Any) -> dict[str, Any]:
+    """TrainingArguments of transformers' GaLore for the recipe's `optimizer:`."""
+    from alloy.train.adapter import GALORE_DEFAULTS, GALORE_TARGETS, quiet_imports
+
+    quiet_imports()  # galore_torch (here and in Trainer) imports bitsandbytes
+    from galore_torch.galore_projector import GaLoreProjector
+
+    # galore_torch's AdamW warns that its own (HF-derived) AdamW is deprecated: not the user's
+    warnings.filterwarnings("ignore", "This implementation of AdamW", FutureWarning, "galore_torch")
+
+    # The optimizer state holds a GaLoreProjector per matrix, which Trainer reloads on resume
+    # with torch.load(weights_only=True): allow that one class (plain numbers and a tensor).
+    torch.serialization.add_safe_globals([GaLoreProjector])
+    values = {
+        k: getattr(optimizer, k) if getattr(optimizer, k) is not None else default
+        for k, default in GALORE_DEFAULTS.items()
+    }
+    targets = optimizer.target_modules
+    return {
+        "optim_target_modules": GALORE_TARGETS if targets is None else targets,
+        "optim_args": ",".join(f"{k}={v}" for k, v in values.items()),
+    }
+
+
 def load_student(plan: TrainPlan) -> Any:
     from transformers import AutoModelForCausalLM
 
@@ -250,10 +303,12 @@ def _run(
     say: Callable[[str], None],
     on_row: Callable[[dict[str, Any]], None] | None,
     command: str | None,
+    merge: bool,
 ) -> TrainResult:
     from transformers import PrinterCallback
 
     from alloy.eval import EvalSettings
+    from alloy.train.adapter import parameter_counts, wrap_model
     from alloy.train.objectives import ObjectiveContext
     from alloy.train.packing import Collator
     from alloy.train.trainer import (
@@ -291,6 +346,14 @@ def _run(
                 )
             ],
         )
+    if spec.adapter is not None:
+        assert spec.model.path is not None  # checked with the recipe
+        model = wrap_model(model, spec.adapter, spec.model.path)
+    trainable, parameters = parameter_counts(model)
+    say(
+        f"trainable parameters: {trainable:,} of {parameters:,} "
+        f"({trainable / max(1, parameters):.2%})"
+    )
     pad = plan.tokenizer.pad_token_id
     trainer = AlloyTrainer(
         model=model,
@@ -324,7 +387,10 @@ def _run(
     if spec.averaging:
         from alloy.average.callback import AveragingCallback
 
-        averaging = AveragingCallback(dict(spec.averaging), save_final=False)
+        specs = dict(spec.averaging)
+        if spec.adapter is not None:  # only the adapter changes: average only it
+            specs = {name: {**options, "trainable_only": True} for name, options in specs.items()}
+        averaging = AveragingCallback(specs, save_final=False)
         trainer.add_callback(averaging)
     snapshots = run_dir / "snapshots"
     if spec.snapshots.every:
@@ -347,6 +413,8 @@ def _run(
         eval=evaluation.last if evaluation is not None else {},
         seconds=metrics.elapsed,
         metrics=metrics.rows,
+        trainable_parameters=trainable,
+        parameters=parameters,
     )
     from alloy.train.outputs import write_outputs
 
@@ -361,6 +429,7 @@ def _run(
         force=force,
         command=command,
         result=result,
+        merge=merge,
     )
     trainer.accelerator.wait_for_everyone()
     if main:
@@ -410,6 +479,9 @@ def summary_json(plan: TrainPlan, result: TrainResult) -> dict[str, Any]:
         "processes": plan.world,
         "replay_fraction": (result.metrics[-1]["replay_fraction"] if result.metrics else 0.0),
         "sources": plan.tokens_by_source(),
+        "trainable_parameters": result.trainable_parameters,
+        "parameters": result.parameters,
+        "adapter": plan.recipe.spec.adapter.model_dump() if plan.recipe.spec.adapter else None,
     }
 
 
