@@ -4,6 +4,7 @@ logits, base weights untouched, --merge, averaging, resume, GaLore against AdamW
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 from pathlib import Path
@@ -365,7 +366,8 @@ def test_merge_writes_the_folded_model_and_averages_only_the_adapter(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     seen = _spy(monkeypatch)
-    recipe = _recipe(tiny_llama, data_dir, averaging={"ema": {"decay": 0.5}})
+    evaluation = {"data": [str(data_dir / "old.jsonl")], "max_tokens": 256, "at_start": False}
+    recipe = _recipe(tiny_llama, data_dir, averaging={"ema": {"decay": 0.5}}, eval=evaluation)
     out = tmp_path / "out"
     assert main(["train", "-q", str(_write(tmp_path / "r.yaml", recipe)), str(out), "--merge"]) == 0
     assert not (out / "adapter_config.json").exists()
@@ -373,6 +375,14 @@ def test_merge_writes_the_folded_model_and_averages_only_the_adapter(
     torch.testing.assert_close(_logits(merged), seen["logits"], atol=1e-5, rtol=1e-5)
     assert json.loads((out / "config.json").read_text())["dtype"] == "float32"
     assert (out / "tokenizer.json").is_file() and (out / "training" / "metrics.csv").is_file()
+    # the run's last eval (of the adapted model in memory) is alloy eval's score of OUT
+    from alloy.eval import EvalSettings, evaluate, load_eval_sets, load_scorer
+
+    sets = load_eval_sets([data_dir / "old.jsonl"])
+    (scores,) = evaluate(load_scorer(out), sets, EvalSettings(max_tokens=256)).values()
+    with (out / "training" / "eval.csv").open() as f:
+        last = list(csv.DictReader(f))[-1]
+    assert float(last["perplexity"]) == pytest.approx(scores["perplexity"], rel=1e-5)
     # the EMA, folded too: the start model plus the averaged adapter, not the final one
     ema = _tensors(out / "averaged-ema")
     final, start = _tensors(out), _tensors(tiny_llama)
