@@ -149,10 +149,10 @@ def galore_issues(optimizer: Any) -> list[Issue]:
         hint = "pip install 'alloy[galore]'"
         issues.append(("optimizer.name", f"{optimizer.name} needs the galore-torch package", hint))
     targets = optimizer.target_modules
-    if isinstance(targets, str) and targets.lower() != ALL_LINEAR:
+    if targets is not None and not (targets.strip() if isinstance(targets, str) else targets):
+        issues.append(("optimizer.target_modules", "empty", f"e.g. [attn, mlp], or {ALL_LINEAR}"))
+    elif isinstance(targets, str) and targets.lower() != ALL_LINEAR:
         issues += _regex_issue(targets, "optimizer.target_modules")
-    elif isinstance(targets, list | str) and not targets:
-        issues.append(("optimizer.target_modules", "empty", "e.g. [attn, mlp]"))
     return issues
 
 
