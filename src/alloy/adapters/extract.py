@@ -60,6 +60,7 @@ _EMBEDDINGS = (*INPUT_EMBEDDINGS, "wpe.weight", "embed_positions.weight", "posit
 _RANDOMIZED_SHARE = 0.25
 _POWER_ITERATIONS = 4
 _SEED = 0
+_BLOCK_ELEMENTS = 1 << 22  # rows read at a time when only norms are needed (16 MiB in fp32)
 
 Kind = Literal["linear", "embedding", "head", "norm", "bias", "other"]
 
@@ -288,10 +289,6 @@ def _balanced(B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return B / scale, A * scale[:, None]
 
 
-def _changed(ft: torch.Tensor, base: torch.Tensor) -> bool:
-    return not (ft.dtype == base.dtype and torch.equal(ft, base))
-
-
 def extract_lora(
     finetuned: str | os.PathLike[str],
     base: str | os.PathLike[str],
@@ -371,38 +368,28 @@ def _extract_modules(
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for name in plan.linear:
-        tuned, original = ft.read(name), bs.read(name)
-        if not _changed(tuned, original):
+        original = bs.read(name).to(device, torch.float32)
+        base_norm = float(torch.linalg.vector_norm(original))
+        stored = ft.read(name).to(device, torch.float32).sub_(original)  # ΔW, stored layout
+        del original
+        matrix = stored.T if plan.transposed else stored  # (out, in)
+        norm = float(torch.linalg.vector_norm(matrix))
+        if norm == 0.0:
             result.unchanged += 1
         else:
-            stored = tuned.to(device, torch.float32) - original.to(device, torch.float32)
-            base_norm = float(torch.linalg.norm(original.float()))
-            del tuned, original
-            matrix = stored.T if plan.transposed else stored  # (out, in)
-            norm = float(torch.linalg.norm(matrix))
-            if norm == 0.0:
-                result.unchanged += 1
-            else:
-                cut, method = _factor(matrix, result.rank, result.energy, svd)
-                B, A = _balanced(cut.B, cut.A)
-                B, A = B.to(dtype), A.to(dtype)
-                # The residual of the factors as written, in place of the delta: ‖ΔW − B·A‖.
-                missed = float(torch.linalg.norm(matrix.addmm_(B.float(), A.float(), alpha=-1)))
-                factors[name] = (B.cpu(), A.cpu())
-                result.modules.append(
-                    ModuleResult(
-                        name,
-                        tuple(ft.info(name).shape),
-                        cut.rank,
-                        cut.energy,
-                        missed / norm,
-                        norm / base_norm if base_norm else float("inf"),
-                        method,
-                    )
-                )
-                result.delta_sq += norm**2
-                result.missed_sq += missed**2
-            del stored, matrix
+            cut, method = _factor(matrix, result.rank, result.energy, svd)
+            B, A = (f.to(dtype) for f in _balanced(cut.B, cut.A))
+            # The residual of the factors as written, in place of the delta: ‖ΔW − B·A‖.
+            missed = float(torch.linalg.vector_norm(matrix.addmm_(B.float(), A.float(), alpha=-1)))
+            factors[name] = (B.cpu(), A.cpu())
+            shape = tuple(ft.info(name).shape)
+            change = norm / base_norm if base_norm else float("inf")
+            result.modules.append(
+                ModuleResult(name, shape, cut.rank, cut.energy, missed / norm, change, method)
+            )
+            result.delta_sq += norm**2
+            result.missed_sq += missed**2
+        del stored, matrix
         if on_tensor is not None:
             on_tensor(name)
     return factors
@@ -419,20 +406,12 @@ def _compare_others(
 ) -> dict[str, torch.Tensor]:
     """Relative change of every tensor left out of the LoRA; the full copies PEFT can restore."""
     changed: dict[str, tuple[float, float]] = {}  # name -> (‖ΔW‖², ‖ΔW‖ / ‖W_base‖)
-    kept: dict[str, torch.Tensor] = {}
     for name in [*plan.other, *plan.excluded]:
-        tuned, original = ft.read(name), bs.read(name)
-        norm_sq = 0.0
-        if _changed(tuned, original):
-            norm_sq = float((tuned.double() - original.double()).square().sum())
+        norm_sq, base_sq = _squared_norms(ft, bs, name)
         if norm_sq == 0.0:
             result.unchanged += 1
         else:
-            base_norm = float(torch.linalg.norm(original.float()))
-            changed[name] = (norm_sq, norm_sq**0.5 / base_norm if base_norm else float("inf"))
-            if save_full:
-                kept[name] = tuned
-        del tuned, original
+            changed[name] = (norm_sq, (norm_sq / base_sq) ** 0.5 if base_sq else float("inf"))
         if on_tensor is not None:
             on_tensor(name)
     why: dict[str, str] = {}
@@ -441,7 +420,7 @@ def _compare_others(
         tied = ft.model_info().input_embedding if plan.tied else None
         lora_modules = {t.rsplit(".", 1)[0] for t in lora_targets}
         why, write = _full_copies(list(changed), list(ft.tensors), lora_modules, tied)
-        full = {name: kept[name] if name in kept else ft.read(name) for name in write}
+        full = {name: ft.read(name) for name in write}
         copies = [name for name in write if name not in changed]
         if copies:
             result.notes.append(
@@ -456,6 +435,22 @@ def _compare_others(
         kind = tensor_kind(name, shape)
         result.full.append(FullResult(name, shape, kind, change, saved, why.get(name)))
     return full
+
+
+def _squared_norms(ft: Checkpoint, bs: Checkpoint, name: str) -> tuple[float, float]:
+    """(‖W_ft − W_base‖², ‖W_base‖²) in fp32, read in row blocks so a large embedding costs
+    no more memory than a block (an fp32 difference of distinct values is never zero)."""
+    shape = ft.info(name).shape
+    rows = shape[0] if shape else 1
+    step = max(1, _BLOCK_ELEMENTS * rows // max(1, ft.info(name).numel))
+    norm_sq = base_sq = 0.0
+    for start in range(0, rows, step):
+        block = None if not shape else (start, min(rows, start + step))
+        original = bs.read(name, block).float()
+        difference = ft.read(name, block).float() - original
+        norm_sq += float(torch.linalg.vector_norm(difference)) ** 2
+        base_sq += float(torch.linalg.vector_norm(original)) ** 2
+    return norm_sq, base_sq
 
 
 def _full_copies(
