@@ -292,3 +292,33 @@ def test_scorer_of_base_plus_adapter_is_the_folded_model(models: dict[str, Path]
     assert torch.equal(got, folded.token_logprobs(ids, mask))
     assert not torch.equal(got, plain.token_logprobs(ids, mask))
     assert adapted.name == _adapted(models, "lora2")
+
+
+CONV1D = LoraConfig(r=4, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True)
+
+
+@pytest.mark.parametrize(("arch", "config"), [("llama", LORA), ("gpt2", CONV1D)])
+@pytest.mark.parametrize("chunk", [None, 100])
+def test_any_split_of_rows_folds_to_the_same_bits(
+    arch: str,
+    config: Any,
+    chunk: int | None,
+    tiny_root: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The engine reads a tensor whole or in row blocks of any size: each split must give the
+    bits of the whole read (a lone row too, which torch would send to gemv), also when the
+    fold's own chunks (FOLD_ELEMENTS; 100: 1-3 rows) are smaller than the blocks."""
+    from alloy.adapters import adapted as module
+
+    if chunk is not None:
+        monkeypatch.setattr(module, "FOLD_ELEMENTS", chunk)
+    make_adapter(tiny_root / arch, tmp_path / "a", config, seed=2)
+    with open_model(f"{tiny_root / arch}+{tmp_path / 'a'}") as adapted:
+        for name in adapted.adapter.modules:
+            whole = adapted.read(name)
+            rows = whole.shape[0]
+            for size in (1, 2, 3, 7):
+                parts = [adapted.read(name, (a, min(a + size, rows))) for a in range(0, rows, size)]
+                assert torch.equal(torch.cat(parts), whole), (name, size)

@@ -10,9 +10,9 @@ from typing import Any
 
 import torch
 
-from alloy.adapters import open_model
+from alloy.adapters import split_spec
 from alloy.errors import IncompatibleModelsError, InputError
-from alloy.io import CardInput, model_card
+from alloy.io import CardInput, Checkpoint, model_card
 from alloy.io.atomic import check_output_folder
 from alloy.io.writer import DEFAULT_MAX_SHARD_BYTES
 from alloy.merge.compat import card_parts
@@ -80,18 +80,20 @@ def _card_later(
     recipe = merge_plan.recipe
     roles = {str(recipe.base_model): "base"} if recipe.base_model else {}
     # One row per input; a BASE+ADAPTER input gives two, the base and the adapter, both hashed.
+    # A folder that is several inputs' base (or an input too) is hashed once.
     parts: list[tuple[str, Path, list[Path]]] = []
     for path in merge_plan.paths:
-        with open_model(path, allow_pickle=allow_pickle) as checkpoint:
-            parts += card_parts(roles.get(str(path), "model"), checkpoint)
-    futures: list[Future[CardInput] | None] = [
-        hasher.submit(CardInput.of, *part) if hasher is not None else None for part in parts
-    ]
+        with Checkpoint.open(split_spec(path)[0], allow_pickle=allow_pickle) as checkpoint:
+            parts += card_parts(roles.get(str(path), "model"), path, checkpoint.files)
+    digests: dict[Path, Future[CardInput]] = {}
+    for role, path, files in parts:
+        if hasher is not None and path not in digests:
+            digests[path] = hasher.submit(CardInput.of, role, path, files)
 
     def render() -> str:
         inputs = [
-            future.result() if future is not None else CardInput(role, str(path))
-            for (role, path, _), future in zip(parts, futures, strict=True)
+            CardInput(role, str(path), digests[path].result().file_hashes if digests else {})
+            for role, path, _ in parts
         ]
         return model_card(
             title=recipe.name

@@ -17,7 +17,7 @@ import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from alloy.adapters import AdaptedCheckpoint, open_model, split_spec
+from alloy.adapters import open_model, split_spec
 from alloy.adapters.peftfile import WEIGHTS
 from alloy.errors import AlloyError, CheckpointError, InputError, Problem, ProblemCollector
 from alloy.io import Checkpoint
@@ -95,16 +95,14 @@ def _failure(label: str, exc: AlloyError) -> list[Problem]:
     return [Problem(label, exc.message), *exc.problems]
 
 
-def card_parts(role: str, checkpoint: Checkpoint) -> list[tuple[str, Path, list[Path]]]:
-    """(role, path, weight files) of one input for its model card: the checkpoint itself, or
-    for `BASE+ADAPTER` the base and then the adapter (so both are named and hashed)."""
-    if isinstance(checkpoint, AdaptedCheckpoint):
-        folder = checkpoint.adapter.path
-        return [
-            (role, checkpoint.path, list(checkpoint.files)),
-            (f"{role} adapter", folder, [folder / WEIGHTS]),
-        ]
-    return [(role, checkpoint.path, list(checkpoint.files))]
+def card_parts(role: str, spec: Path, files: Sequence[Path]) -> list[tuple[str, Path, list[Path]]]:
+    """(role, path, weight files) of one input for its model card, given the weight files of
+    its model (of BASE, for `BASE+ADAPTER`): the input itself, or the base and then the adapter,
+    so that both are named and hashed."""
+    base, adapter = split_spec(spec)
+    if adapter is None:
+        return [(role, spec, list(files))]
+    return [(role, base, list(files)), (f"{role} adapter", adapter, [adapter / WEIGHTS])]
 
 
 def check_compatible(

@@ -116,9 +116,12 @@ def execute(
                 model_card=model_card,
             )
         )
-        readers = stack.enter_context(ThreadPoolExecutor(2, thread_name_prefix="alloy-read"))
-        # Each worker runs single-threaded torch ops: on small blocks, intra-op threads cost
-        # more CPU than they save, and the workers already keep the cores busy.
+        # Each reader and worker runs single-threaded torch ops (readers fold the adapters of
+        # BASE+ADAPTER inputs): on small blocks, intra-op threads cost more CPU than they save,
+        # and the threads already keep the cores busy.
+        readers = stack.enter_context(
+            ThreadPoolExecutor(2, "alloy-read", initializer=torch.set_num_threads, initargs=(1,))
+        )
         workers = stack.enter_context(
             ThreadPoolExecutor(
                 COMPUTE_THREADS, "alloy-merge", initializer=torch.set_num_threads, initargs=(1,)

@@ -357,11 +357,14 @@ def _card(
     recipe = plan.recipe
 
     def render() -> str:
-        inputs = [
-            CardInput.of(*part)
-            for path, checkpoint in checkpoints.items()
-            for part in card_parts("base" if path == recipe.base else "expert", checkpoint)
-        ]
+        hashes: dict[Path, dict[str, str]] = {}  # a base of several experts is hashed once
+        inputs = []
+        for path, checkpoint in checkpoints.items():
+            role = "base" if path == recipe.base else "expert"
+            for part, folder, files in card_parts(role, path, checkpoint.files):
+                if folder not in hashes:
+                    hashes[folder] = CardInput.of(part, folder, files).file_hashes
+                inputs.append(CardInput(part, str(folder), hashes[folder]))
         experts = ", ".join(f"`{e.name}`" for e in recipe.experts)
         summary = (
             f"A {plan.arch.class_name} with {plan.num_experts} experts ({experts}), "
