@@ -169,6 +169,8 @@ def test_demo_merges_and_scores_every_model(tmp_path: Path) -> None:
         "soup:greedy-fiction",
         "large base",
         "train:distill-experts",
+        *(f"lora:{d}" for d in corpus.DOMAINS),
+        "merge:lora-linear",
         "ensemble:proxy-fiction",
     ]
     for row in rows.values():
@@ -182,7 +184,13 @@ def test_demo_merges_and_scores_every_model(tmp_path: Path) -> None:
         "proxy-fiction.yaml",
         "experts-mixture.yaml",
         "distill-experts.yaml",
+        *(f"lora-{d}.yaml" for d in corpus.DOMAINS),
     }
+    # each LoRA expert (the base frozen, an adapter trained) beats the base on its own domain
+    for d in corpus.DOMAINS:
+        assert rows[f"lora:{d}"][d]["perplexity"] < rows["base"][d]["perplexity"], d
+    assert (out / "adapters" / "drama" / "adapter_config.json").is_file()
+    assert (out / "merges" / "lora-linear" / "lora_merge.json").is_file()
     # the student learnt from the experts' mixture: better than the base it started from
     assert (
         rows["train:distill-experts"]["overall"]["perplexity"]

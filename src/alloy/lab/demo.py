@@ -5,9 +5,10 @@ This is the README's first command. It shows the product's main loop on real tex
 (uniform soup, task arithmetic, TIES), the fine-tunes of one domain are combined by a greedy soup
 (selected on that domain's validation split), the large base is proxy-tuned at decode time by
 the small expert / base pair of that domain (an ensemble recipe), the mixture of the small
-experts is distilled into the small base with `alloy train` (an ensemble teacher), and the
-bases, every expert, every merge, the soup, the ensemble and the distilled model are scored on
-every domain's test split. The table, the
+experts is distilled into the small base with `alloy train` (an ensemble teacher), LoRA
+experts are trained on the small base (`alloy train` with an `adapter:`) and merged exactly
+(`alloy lora merge`), and the bases, every expert, every merge, the soup, the ensemble, the
+distilled model and the adapters are scored on every domain's test split. The table, the
 recipes, the raw JSON, a plot and sampled continuations of the ensemble land in `out`.
 """
 
@@ -90,6 +91,26 @@ def distill_recipe(
     return recipe
 
 
+def lora_recipe(family: Path, domain: str, preset: Preset, root: Path, seed: int) -> dict[str, Any]:
+    """A LoRA expert of one domain on the small base: the full expert's recipe with an
+    `adapter:` (rank 8 on every linear layer) at 5x its peak learning rate."""
+    stage = preset.expert["small"]
+    return {
+        "name": f"demo: LoRA expert {domain}",
+        "objective": "causal_lm",
+        "model": str(family / "small" / "base"),
+        "adapter": {"type": "lora", "rank": 8, "alpha": 16},
+        "data": [{"name": domain, "corpus": domain}],
+        "lab": str(root),
+        "schedule": {"name": "cosine", "lr": stage.lr * 5, "warmup": stage.warmup},
+        "optimizer": {"name": "adamw", "weight_decay": 0.0, "betas": [0.9, 0.95]},
+        "max_steps": stage.steps,
+        "batch_size": preset.batch,
+        "sequence_length": preset.seq_len,
+        "seed": seed,
+    }
+
+
 def run_demo(
     root: Path,
     out: Path,
@@ -100,6 +121,7 @@ def run_demo(
     say: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Build the family under `root`, merge and evaluate into `out`; return the results."""
+    from alloy.adapters.combine import combine_adapters
     from alloy.io.atomic import AtomicFolder
     from alloy.merge.api import merge
     from alloy.soup import make_soup
@@ -173,6 +195,25 @@ def run_demo(
         train(distill_recipe(family, domains, settings, root, tmp / "recipes", seed), distilled)
         models["train:distill-experts"] = distilled
         timings["train_s"] = time.perf_counter() - t
+
+        # Adapters: a LoRA expert per domain (the base stays frozen; each file is a PEFT
+        # adapter), scored as BASE+ADAPTER, and their exact uniform merge folded into the base.
+        t = time.perf_counter()
+        base = family / "small" / "base"
+        loras = []
+        for d in domains:
+            say(f"training a LoRA expert on {d} (alloy train, adapter: lora)")
+            recipe = lora_recipe(family, d, settings, root, seed)
+            (tmp / "recipes" / f"lora-{d}.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+            train(recipe, tmp / "adapters" / d)
+            loras.append(tmp / "adapters" / d)
+            models[f"lora:{d}"] = Path(f"{base}+{tmp / 'adapters' / d}")
+        say("merging the LoRA experts exactly (alloy lora merge --method linear --fold)")
+        combine_adapters(
+            loras, tmp / "merges" / "lora-linear", method="linear", base=base, fold_base=True
+        )
+        models["merge:lora-linear"] = tmp / "merges" / "lora-linear"
+        timings["adapters_s"] = time.perf_counter() - t
 
         t = time.perf_counter()
         sets = load_eval_sets([corpus / d / "test.jsonl" for d in domains])
