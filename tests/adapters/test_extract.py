@@ -253,6 +253,7 @@ def test_left_out_tensors_are_listed_and_tied_embeddings_not_saved(
         ("options", ["give exactly one", "not a regular expression"]),
         ("energy", ["--energy", "(0, 1]"]),
         ("unchanged", ["no extracted linear weight differs"]),
+        ("mergekit flag", ["--max-rank (a mergekit flag)", "--rank R"]),
     ],
 )
 def test_bad_inputs_exit_2_and_write_nothing(
@@ -271,6 +272,7 @@ def test_bad_inputs_exit_2_and_write_nothing(
         "options": [llama, llama, out, "--rank", 2, "--energy", 0.5, "--include", "("],
         "energy": [llama, llama, out, "--energy", 1.5],
         "unchanged": [llama, llama, out, "--rank", 2],
+        "mergekit flag": [llama, llama, out, "--max-rank", 2],
     }[case]
     if case == "exists":
         (tmp_path / "keep").write_text("x")
