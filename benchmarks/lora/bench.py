@@ -68,7 +68,7 @@ def _build(work: Path, layout: str) -> None:
 
     vocab, hidden, inter, layers, heads, kv = LAYOUTS[layout]
     bf16, kv_dim = torch.bfloat16, kv * hidden // heads
-    shapes = {"model.embed_tokens.weight": (vocab, hidden)}
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, hidden)}
     for i in range(layers):
         p = f"model.layers.{i}."
         shapes |= {

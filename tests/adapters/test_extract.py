@@ -109,9 +109,14 @@ def test_exact_low_rank_delta_is_recovered_and_folds_back(
     with open_model(f"{base}+{out}") as folded, Checkpoint.open(ft) as tuned:
         for name in deltas:
             torch.testing.assert_close(folded.read(name), tuned.read(name), atol=2e-6, rtol=0)
+    # bf16 factors: the error reported is that of the rounded factors (bf16's 2^-9 steps).
     again = tmp_path / "again"
-    assert run(capsys, ft, base, again, "--rank", 3, "--svd", "exact")[0] == 0
-    assert all(m["svd"] == "exact" and m["error"] < 1e-5 for m in report(again)["modules"])
+    assert (
+        run(capsys, ft, base, again, "--rank", 3, "--svd", "exact", "--dtype", "bfloat16")[0] == 0
+    )
+    assert all(m["svd"] == "exact" and 3e-4 < m["error"] < 1e-2 for m in report(again)["modules"])
+    with Checkpoint.open(again / "adapter_model.safetensors") as saved:
+        assert {saved.info(n).dtype for n in saved} == {torch.bfloat16}
 
 
 def test_peft_loads_the_adapter_and_matches_the_folded_model(
