@@ -112,6 +112,7 @@ def _register() -> None:
     from alloy.cli import inspect as _inspect  # noqa: F401
     from alloy.cli import lab as _lab  # noqa: F401
     from alloy.cli import lora as _lora  # noqa: F401
+    from alloy.cli import lora_extract as _lora_extract  # noqa: F401
     from alloy.cli import lora_merge as _lora_merge  # noqa: F401
     from alloy.cli import merge as _merge  # noqa: F401
     from alloy.cli import moe as _moe  # noqa: F401
