@@ -15,13 +15,13 @@ the spectra we tried (docs/adapters.md). Energy targets need the whole spectrum:
 
 Only 2-D weights of Linear / Conv1D layers become LoRA modules. Embeddings, output heads, norms,
 biases and other tensors are "not low-rank": they are compared and listed with their relative
-change, and with `save_full` the changed ones PEFT can restore go into the adapter as
-`modules_to_save` copies.
+change; with `save_full` the changed ones PEFT can restore become `modules_to_save` copies.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections.abc import Callable, Sequence
@@ -34,12 +34,7 @@ import torch
 from alloy.adapters.adapted import open_model, split_spec
 from alloy.adapters.delta import Truncation, truncate
 from alloy.adapters.peftfile import write_lora
-from alloy.errors import (
-    IncompatibleModelsError,
-    InputError,
-    Problem,
-    ProblemCollector,
-)
+from alloy.errors import IncompatibleModelsError, InputError, Problem, ProblemCollector
 from alloy.io import Checkpoint
 from alloy.io.atomic import check_output_folder
 from alloy.io.modelinfo import BUFFER_SUFFIXES, INPUT_EMBEDDINGS, OUTPUT_HEADS
@@ -55,8 +50,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # Model types whose linear layers are transformers' Conv1D, stored (in × out): fan_in_fan_out.
 CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt"})
 _EMBEDDINGS = (*INPUT_EMBEDDINGS, "wpe.weight", "embed_positions.weight", "position_embeddings")
-# auto: randomized when the rank is at most this share of the smaller side (measured crossover
-# well below it: the randomized path is >10x faster at a quarter, docs/adapters.md).
+# auto: randomized when the rank is at most this share of the smaller side (docs/adapters.md).
 _RANDOMIZED_SHARE = 0.25
 _POWER_ITERATIONS = 4
 _SEED = 0
@@ -128,7 +122,10 @@ class Extraction:
         return (self.missed_sq / self.delta_sq) ** 0.5 if self.delta_sq else 0.0
 
     def as_json(self) -> dict[str, Any]:
+        """The report as written to extract.json (a change over a zero base tensor is null)."""
         data = {k: v for k, v in asdict(self).items() if k not in ("out", "delta_sq", "missed_sq")}
+        for row in [*data["modules"], *data["full"]]:
+            row["change"] = row["change"] if math.isfinite(row["change"]) else None
         return {**data, "total_error": self.total_error}
 
 
@@ -182,11 +179,6 @@ def _open_both(finetuned: str, base: str, allow_pickle: bool) -> tuple[Checkpoin
     return opened[0], opened[1]
 
 
-def _architecture(checkpoint: Checkpoint) -> str | None:
-    info = checkpoint.model_info()
-    return info.architecture or info.model_type
-
-
 def _plan(
     ft: Checkpoint,
     base: Checkpoint,
@@ -196,7 +188,8 @@ def _plan(
 ) -> _Plan:
     """Names and shapes agree, every matrix can hold the rank: all checked from headers."""
     problems = ProblemCollector()
-    ft_arch, base_arch = _architecture(ft), _architecture(base)
+    ft_info = ft.model_info()
+    ft_arch, base_arch = ((m.architecture or m.model_type) for m in (ft_info, base.model_info()))
     if ft_arch and base_arch and ft_arch != base_arch:
         problems.add("", f"FINETUNED is {ft_arch} but BASE is {base_arch}", "same architecture")
     for what, names in (
@@ -238,10 +231,8 @@ def _plan(
             f"use --rank {smallest} or less, --exclude those tensors, or --energy",
         )
     problems.raise_if_any(IncompatibleModelsError, "cannot extract an adapter from these models")
-    model_type = ft.model_info().model_type
-    return _Plan(
-        linear, other, excluded, model_type in CONV1D_MODEL_TYPES, ft.model_info().tied_embeddings
-    )
+    transposed = ft_info.model_type in CONV1D_MODEL_TYPES
+    return _Plan(linear, other, excluded, transposed, ft_info.tied_embeddings)
 
 
 def randomized_truncate(
@@ -309,10 +300,9 @@ def extract_lora(
 ) -> Extraction:
     """Write the LoRA adapter that turns BASE into (nearly) FINETUNED to `out` (a PEFT folder).
 
-    Give `rank` (every module) or `energy` (per module: the smallest rank keeping that share of
+    Give `rank` (every module) or `energy` (per module: the least rank keeping that share of
     ‖ΔW‖²). Either model may be `BASE+ADAPTER`. `out` also gets `extract.json` (the report) and
-    FINETUNED's tokenizer files. `on_start(n)` and `on_tensor(name)` report progress.
-
+    FINETUNED's tokenizer files; `on_start(n)` and `on_tensor(name)` report progress.
     Raises:
         InputError: bad options, unreadable or incompatible models (every problem listed), a rank
             larger than a matrix, an existing `out` without `force`, or nothing changed.
@@ -336,13 +326,13 @@ def extract_lora(
             on_start(len(plan.linear) + len(plan.other) + len(plan.excluded))
         factors = _extract_modules(ft, bs, plan, result, svd, DTYPES[dtype], device, on_tensor)
         full = _compare_others(ft, bs, plan, result, save_full, set(factors), on_tensor)
-    if not factors:
+    if not factors:  # PEFT refuses an adapter without modules
         raise InputError(
-            f"{ft_spec} vs {base_spec}: no extracted linear weight differs, so there is no LoRA "
-            "to write (PEFT needs at least one module); is FINETUNED a fine-tune of BASE?"
+            f"{ft_spec} vs {base_spec}: no extracted linear weight differs, so "
+            "there is no LoRA to write; is FINETUNED a fine-tune of BASE?"
         )
     extra = _tokenizer_files(ft_spec, result)
-    extra[REPORT] = json.dumps(result.as_json(), indent=2) + "\n"
+    extra[REPORT] = json.dumps(result.as_json(), indent=2, allow_nan=False) + "\n"
     write_lora(
         out_path,
         factors,
