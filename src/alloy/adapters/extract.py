@@ -238,13 +238,10 @@ def _plan(
 def randomized_truncate(
     matrix: torch.Tensor, rank: int, *, seed: int = _SEED, power_iterations: int = _POWER_ITERATIONS
 ) -> Truncation:
-    """Rank-`rank` factors of `matrix` (out × in, fp32) from a seeded randomized range finder.
-
-    Q spans M·G for a Gaussian G with `rank` + max(10, rank/2) columns, refined by power
-    iterations (re-orthonormalised each time); the SVD of the small Qᵀ·M gives the top right
-    singular vectors V_r, and B = M·V_r is the exact projection, so B·A = M·V_r·V_rᵀ and the
-    energy ‖M·V_r‖² / ‖M‖² is exact for these factors.
-    """
+    """Rank-`rank` factors of `matrix` (out × in, fp32) from a seeded randomized range finder:
+    Q spans M·G (G Gaussian, rank + max(10, rank/2) columns) refined by re-orthonormalised power
+    iterations; the SVD of the small Qᵀ·M gives V_r, and B = M·V_r is the exact projection, so
+    B·A = M·V_r·V_rᵀ and the energy ‖M·V_r‖² / ‖M‖² is exact for these factors."""
     m = matrix.float()
     columns = min(min(m.shape), rank + max(10, rank // 2))
     generator = torch.Generator(device="cpu").manual_seed(seed)
@@ -265,16 +262,19 @@ def _factor(
     matrix: torch.Tensor, rank: int | None, energy: float | None, svd: Svd
 ) -> tuple[Truncation, str]:
     """The truncation of one (out × in) delta, and which SVD made it."""
-    if rank is not None and (
-        svd == "randomized" or (svd == "auto" and rank <= _RANDOMIZED_SHARE * min(matrix.shape))
-    ):
+    small = rank is not None and rank <= _RANDOMIZED_SHARE * min(matrix.shape)
+    if rank is not None and (svd == "randomized" or (svd == "auto" and small)):
         return randomized_truncate(matrix, rank), "randomized"
-    return truncate(matrix, rank=rank, energy=energy), "exact"
+    if matrix.shape[0] >= matrix.shape[1]:
+        return truncate(matrix, rank=rank, energy=energy), "exact"
+    # LAPACK is far slower on wide matrices than on their transposes (768 × 3072: 7-25 s vs
+    # 1.4-2.7 s on two busy cores), so factor Mᵀ = B'·A' and return M = A'ᵀ·B'ᵀ.
+    cut = truncate(matrix.T.contiguous(), rank=rank, energy=energy)
+    return Truncation(cut.A.T, cut.B.T, cut.rank, cut.energy, cut.error), "exact"
 
 
 def _balanced(B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each rank-1 term's norm split evenly: B_k·√σ_k⁻¹, A_k·√σ_k (same product, both factors
-    of one scale, which low-precision storage and further training both prefer)."""
+    """B_k, A_k rescaled to norm √σ_k each: same product, one scale (better for bf16, training)."""
     sigma = torch.linalg.norm(B, dim=0) * torch.linalg.norm(A, dim=1)  # (r,)
     scale = sigma.clamp_min(1e-30).sqrt() / torch.linalg.norm(A, dim=1).clamp_min(1e-30)
     return B / scale, A * scale[:, None]
