@@ -155,6 +155,7 @@ def _errors(ft: Path, base: Path, adapters: list[Path]) -> None:
 
 
 def measure(command: list[str], env: dict[str, str]) -> dict[str, float]:
+    load = os.getloadavg()[0]  # other processes on this machine slow every tool down
     with tempfile.TemporaryFile() as log:  # a pipe could fill up with progress bars and block
         start = time.perf_counter()
         proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=log)
@@ -164,7 +165,7 @@ def measure(command: list[str], env: dict[str, str]) -> dict[str, float]:
             log.seek(0)
             tail = log.read().decode(errors="replace")[-3000:]
             raise RuntimeError(f"{' '.join(command)} failed:\n{tail}")
-    return {"seconds": seconds, "peak_mib": usage.ru_maxrss / 1024}
+    return {"seconds": seconds, "peak_mib": usage.ru_maxrss / 1024, "load": load}
 
 
 def main() -> None:
@@ -222,6 +223,7 @@ def main() -> None:
             tool: {
                 "seconds": statistics.median(r["seconds"] for r in measured),
                 "peak_mib": statistics.median(r["peak_mib"] for r in measured),
+                "load": statistics.median(r["load"] for r in measured),
                 "runs": measured,
             }
             for tool, measured in runs.items()
@@ -258,15 +260,16 @@ def write_markdown(path: Path, meta: dict, results: dict) -> None:
         BEGIN,
         "",
         f"Machine: {meta['machine']}; Python {meta['python']}; rank {meta['rank']}; median of "
-        f"{meta['runs']} runs, page cache warm. Regenerate with:",
+        f'{meta["runs"]} runs, page cache warm; "load" is the machine\'s 1-minute load average '
+        "when each run started (other work shared the two cores). Regenerate with:",
         "",
         "```sh",
         meta["command"],
         "```",
         "",
-        "| pair | tool | wall s | speed-up vs mergekit | peak MiB | peak ratio | LoRA modules "
-        "| median error | worst error | full copies | adapter MiB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| pair | tool | wall s | speed-up vs mergekit | peak MiB | peak ratio | load "
+        "| LoRA modules | median error | worst error | full copies | adapter MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, row in results.items():
         peer = row.get("mergekit")
@@ -281,16 +284,18 @@ def write_markdown(path: Path, meta: dict, results: dict) -> None:
                 f"{peer['seconds'] / r['seconds']:.1f}x" if peer else "-",
                 f"{r['peak_mib']:.0f}",
                 f"{r['peak_mib'] / peer['peak_mib']:.2f}" if peer else "-",
+                f"{r['load']:.1f}",
                 str(r["modules"]),
-                f"{r['median_error']:.4f}",
-                f"{r['max_error']:.4f}",
+                f"{r['median_error']:.6f}",
+                f"{r['max_error']:.6f}",
                 str(r["full_copies"]),
                 f"{r['adapter_mib']:.1f}",
             ]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append(
             f"| {name} | startup | {row['startup']['seconds']:.1f} | - "
-            f"| {row['startup']['peak_mib']:.0f} | - | - | - | - | - | - |"
+            f"| {row['startup']['peak_mib']:.0f} | - | {row['startup']['load']:.1f} "
+            "| - | - | - | - | - |"
         )
     lines += ["", END]
     text = path.read_text() if path.exists() else "# Benchmarks\n"
