@@ -85,3 +85,21 @@ def test_lab_tiny_prints_no_progress_bars(
     assert captured.out == f"wrote {out}\n"
     assert captured.err == ""
     assert hf_logging.is_progress_bar_enabled() == bars  # transformers' setting is restored
+
+
+@pytest.mark.usefixtures("umask")
+def test_programs_stay_executable(tmp_path: Path) -> None:
+    """A program unpacked into an atomic folder (the lab's `bible` from its .deb) keeps its
+    execute bits; everything else is normalised as above."""
+    from alloy.io.atomic import AtomicFolder
+
+    out = tmp_path / "package"
+    with AtomicFolder(out, force=False) as tmp:
+        (tmp / "bin").mkdir()
+        (tmp / "bin" / "tool").write_text("#!/bin/sh\necho ok\n")
+        (tmp / "bin" / "tool").chmod(0o700)
+        (tmp / "data.txt").write_text("x")
+        (tmp / "data.txt").chmod(0o600)
+    assert stat.S_IMODE((out / "bin" / "tool").stat().st_mode) == 0o755
+    assert stat.S_IMODE((out / "data.txt").stat().st_mode) == 0o644
+    assert os.access(out / "bin" / "tool", os.X_OK)

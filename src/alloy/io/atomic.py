@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import shutil
+import stat
 import uuid
 from pathlib import Path
 from types import TracebackType
@@ -192,13 +193,15 @@ def _umask() -> int:
 
 
 def _set_modes(folder: Path) -> None:
-    """Files 0644, folders 0755, minus the umask (as `save_pretrained` on a normal umask)."""
+    """Files 0644, folders 0755, minus the umask (as `save_pretrained` on a normal umask); a
+    file its owner may execute (a program unpacked from a package) stays executable, 0755."""
     keep = ~_umask()
     folder.chmod(FOLDER_MODE & keep)
     for path in folder.rglob("*"):
         if path.is_symlink():
             continue  # chmod would follow it
-        path.chmod((FOLDER_MODE if path.is_dir() else FILE_MODE) & keep)
+        runs = path.is_dir() or path.stat().st_mode & stat.S_IXUSR
+        path.chmod((FOLDER_MODE if runs else FILE_MODE) & keep)
 
 
 def _fsync_tree(folder: Path) -> None:
