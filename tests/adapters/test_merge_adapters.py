@@ -322,3 +322,33 @@ def test_any_split_of_rows_folds_to_the_same_bits(
             for size in (1, 2, 3, 7):
                 parts = [adapted.read(name, (a, min(a + size, rows))) for a in range(0, rows, size)]
                 assert torch.equal(torch.cat(parts), whole), (name, size)
+
+
+def test_cli_eval_and_generate_take_base_plus_adapter(
+    models: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`alloy eval` and `alloy generate` (a model or an ensemble member) accept `BASE+ADAPTER` and
+    give what the folded model on disk gives."""
+    text = tmp_path / "text.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 20)
+    scores = {}
+    for label, model in (("adapted", _adapted(models, "lora2")), ("folded", models["lora2_alloy"])):
+        out = tmp_path / f"{label}.json"
+        assert main(["eval", str(model), "--data", str(text), "--json", str(out)]) == 0
+        (row,) = json.loads(out.read_text())["results"].values()
+        scores[label] = row
+    assert scores["adapted"] == scores["folded"]
+    lines = {}
+    member = {"rule": "linear", "members": [{"model": _adapted(models, "lora2")}]}
+    recipe = _write(tmp_path, member, "ensemble.yaml")
+    targets = (("adapted", _adapted(models, "lora2")), ("recipe", str(recipe)))
+    for label, target in (*targets, ("folded", str(models["lora2_alloy"]))):
+        out = tmp_path / f"{label}.jsonl"
+        argv = ["generate", target, "-p", "the quick", "--max-new-tokens", "6", "--out", str(out)]
+        assert main(argv) == 0
+        lines[label] = json.loads(out.read_text())["text"]
+    assert lines["adapted"] == lines["folded"] == lines["recipe"]
+    capsys.readouterr()
+    missing = f"{models['base']}+{tmp_path / 'nothing'}"
+    for command in (["eval", missing, "--data", str(text)], ["generate", missing, "-p", "x"]):
+        assert "no adapter folder" in _fails(command, capsys)

@@ -55,14 +55,19 @@ def device_problems(device: str | None, option: str = "--device") -> list[Proble
 
 
 def weight_problems(model: Path, allow_pickle: bool) -> list[Problem]:
-    """What makes `model`'s weight files unloadable (truncated, corrupt...), from headers only."""
+    """What makes `model` unloadable, from headers only: no config.json, truncated or corrupt
+    weight files; for `BASE+ADAPTER` also a missing, unreadable or ill-fitting adapter."""
+    from alloy.adapters import open_model, split_spec
     from alloy.errors import CheckpointError
-    from alloy.io.checkpoint import check_weights
 
+    base, adapter = split_spec(model)
+    if not (base / "config.json").is_file():
+        what = "the base " if adapter is not None else ""
+        return [Problem(str(model), f"{what}is not a model folder (no config.json)")]
     try:
-        check_weights(model, allow_pickle=allow_pickle)
-    except CheckpointError as exc:
-        return exc.problems or [Problem("", exc.message)]
+        open_model(model, allow_pickle=allow_pickle).close()
+    except (CheckpointError, InputError) as exc:
+        return [Problem(str(model), exc.message), *exc.problems]
     return []
 
 
@@ -141,8 +146,6 @@ def eval_command(
     for m in models:
         if is_recipe_path(m):
             problems += ensemble_problems(m, allow_pickle)  # a bad recipe fails here
-        elif not (m / "config.json").is_file():
-            problems.append(Problem(str(m), "not a model folder (no config.json)"))
         else:
             problems += weight_problems(m, allow_pickle)
     if problems:

@@ -49,7 +49,9 @@ def load_target(target: Path, *, device: str | None, allow_pickle: bool) -> Any:
 
     if is_recipe_path(target):
         return Ensemble.from_recipe(target, device=device, allow_pickle=allow_pickle)
-    if not (target / "config.json").is_file():
+    from alloy.adapters import split_spec
+
+    if not (split_spec(target)[0] / "config.json").is_file():
         raise InputError(
             f"{target}: neither an ensemble recipe (.yaml) nor a model folder (no config.json)"
         )
@@ -114,7 +116,7 @@ def generate_command(
     # A truncated weight file or a device that is not here is named now, not by the loader.
     if is_recipe_path(target):
         problems += ensemble_problems(target, allow_pickle)
-    elif (target / "config.json").is_file():
+    else:
         problems += weight_problems(target, allow_pickle)
     if problems:
         raise InputError("cannot generate", problems)

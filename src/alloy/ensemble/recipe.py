@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field
@@ -145,6 +144,8 @@ def load_ensemble_recipe(
 
 
 def _issues(recipe: EnsembleRecipe, check_paths: bool) -> list[tuple[str, str, str | None]]:
+    from alloy.adapters import split_spec  # a member may be BASE+ADAPTER
+
     issues: list[tuple[str, str, str | None]] = []
     spec = RULES.get(recipe.rule)
     if spec is None:
@@ -170,7 +171,7 @@ def _issues(recipe: EnsembleRecipe, check_paths: bool) -> list[tuple[str, str, s
     else:
         issues += _weight_issues(recipe)
     for i, m in enumerate(members):
-        if check_paths and not (Path(m.model) / "config.json").is_file():
+        if check_paths and not (split_spec(m.model)[0] / "config.json").is_file():
             hint = "a Hugging Face model folder (paths are relative to the working directory)"
             issues.append((f"members.{i}.model", f"{m.model}: no config.json", hint))
         for key, message in check_filters(m.filters):
