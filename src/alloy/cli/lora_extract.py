@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import statistics
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from typer.core import TyperCommand
 
 from alloy.cli.lora import lora
 from alloy.cli.main import ALLOW_PICKLE, FORCE
+from alloy.cli.moe import MergekitFlagsCommand
 
 if TYPE_CHECKING:
     from alloy.adapters.extract import Extraction
@@ -29,16 +29,8 @@ MERGEKIT_FLAGS = {
 }
 
 
-class _Command(TyperCommand):
-    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:  # ctx: typer's click Context
-        try:
-            return super().parse_args(ctx, args)
-        except typer.TyperException as exc:  # click's NoSuchOption has `option_name`
-            name = getattr(exc, "option_name", None)
-            if name in MERGEKIT_FLAGS:
-                exc.message = f"No such option: {name} (a mergekit flag); {MERGEKIT_FLAGS[name]}"
-                exc.possibilities = None  # type: ignore[attr-defined]  # set by NoSuchOption
-            raise
+class _Command(MergekitFlagsCommand):
+    flags = MERGEKIT_FLAGS
 
 
 @lora.command("extract", cls=_Command)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import shlex
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, ClassVar
 
 import typer
 from rich.console import Console
@@ -28,15 +28,18 @@ MERGEKIT_FLAGS = {
 
 
 class MergekitFlagsCommand(TyperCommand):
-    """Typer's command, with a mergekit flag that alloy lacks explained instead of respelt."""
+    """Typer's command, with a mergekit flag that alloy lacks explained instead of respelt
+    (`flags`: flag -> what to do instead; a subclass gives its own command's table)."""
+
+    flags: ClassVar[dict[str, str]] = MERGEKIT_FLAGS
 
     def parse_args(self, ctx: Any, args: list[str]) -> list[str]:  # ctx: typer's click Context
         try:
             return super().parse_args(ctx, args)
         except typer.TyperException as exc:  # click's NoSuchOption has `option_name`
             name = getattr(exc, "option_name", None)
-            if name in MERGEKIT_FLAGS:
-                exc.message = f"No such option: {name} (a mergekit flag); {MERGEKIT_FLAGS[name]}"
+            if name in self.flags:
+                exc.message = f"No such option: {name} (a mergekit flag); {self.flags[name]}"
                 exc.possibilities = None  # type: ignore[attr-defined]  # set by NoSuchOption
             raise
 
