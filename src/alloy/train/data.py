@@ -41,7 +41,7 @@ from alloy.train.recipe import DataEntry, source_name, source_path
 CACHE_VERSION = 1
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".text", ".tex", ".html", ".py", ".csv"}
 MAX_PROBLEMS = 20
-ItemKind = Literal["text", "completion", "messages"]
+ItemKind = Literal["text", "completion", "messages", "preference", "preference_chat"]
 # A text segment of an item and whether its tokens are training targets.
 Segment = tuple[str, bool]
 
@@ -142,10 +142,25 @@ def read_items(source: Source, tokenizer: Any, problems: list[Problem]) -> list[
         if not records:
             problems.append(Problem(str(file), "no records"))
         for number, record in records:
-            item = _item(record, f"{file}:{number}", source.kind, tokenizer, problems)
-            if item is not None:
-                items.append(item)
+            items += _items(record, f"{file}:{number}", source.kind, tokenizer, problems)
     return items
+
+
+def _items(
+    record: dict[str, Any], where: str, want: str, tokenizer: Any, problems: list[Problem]
+) -> list[Item]:
+    from alloy.train.pairs import is_preference, preference_items
+
+    if is_preference(record):
+        if want not in ("auto", "preference"):
+            problems.append(Problem(where, f"a preference record in a source of kind {want}"))
+            return []
+        return preference_items(record, where, tokenizer, problems)
+    if want == "preference":
+        problems.append(Problem(where, "not a preference record", "prompt, chosen, rejected"))
+        return []
+    item = _item(record, where, want, tokenizer, problems)
+    return [] if item is None else [item]
 
 
 def _item(
@@ -158,7 +173,7 @@ def _item(
     elif "text" in record:
         kind = "text"
     else:
-        hint = "expected text, prompt/completion or messages"
+        hint = "expected text, prompt/completion, messages or prompt/chosen/rejected"
         problems.append(Problem(where, f"unknown record shape (keys {sorted(record)})", hint))
         return None
     if want != "auto" and kind != want:
@@ -187,12 +202,13 @@ def _item(
 
 
 def render_messages(
-    messages: Any, tokenizer: Any, where: str, problems: list[Problem]
+    messages: Any, tokenizer: Any, where: str, problems: list[Problem], *, first: int = 0
 ) -> list[Segment] | None:
     """A conversation as template text segments, assistant turns marked as targets.
 
     Rendered turn by turn: the text the template adds for an assistant message (its content and
     end-of-turn tokens), after the prompt that asks for it, is scored; everything else is not.
+    Assistant messages before `first` are context too (a preference pair's prompt).
     Needs a template whose rendering of a conversation starts with the rendering of every
     shorter prefix of it (true of the common templates).
     """
@@ -209,7 +225,7 @@ def render_messages(
         message = "messages must be a non-empty list of {role, content} strings"
         problems.append(Problem(where, message))
         return None
-    if not any(m["role"] == "assistant" for m in messages):
+    if not any(m["role"] == "assistant" for m in messages[first:]):
         problems.append(Problem(where, "no assistant message to train on"))
         return None
     if not getattr(tokenizer, "chat_template", None):
@@ -218,7 +234,7 @@ def render_messages(
     segments: list[Segment] = []
     done = ""
     for i, message in enumerate(messages):
-        assistant = message["role"] == "assistant"
+        assistant = message["role"] == "assistant" and i >= first
         if assistant:
             prompt = _render(tokenizer, messages[:i], generation_prompt=True) if i else ""
             if not prompt.startswith(done):
@@ -270,7 +286,8 @@ def tokenize_items(items: Sequence[Item], tokenizer: Any, batch: int = 512) -> T
         for offset, item in enumerate(chunk):
             ids: list[int] = []
             mask: list[bool] = []
-            if item.kind != "messages" and start is not None:
+            framed = item.kind in ("text", "completion", "preference")  # not a template's
+            if framed and start is not None:
                 ids.append(start)
                 mask.append(item.kind == "text")
             for _, scored in item.segments:
@@ -281,7 +298,7 @@ def tokenize_items(items: Sequence[Item], tokenizer: Any, batch: int = 512) -> T
             # A completion always ends in EOS (the model learns to stop); a document only when
             # EOS is not also the start token that opens the next document.
             if eos is not None and (
-                item.kind == "completion" or (item.kind == "text" and eos != start)
+                item.kind in ("completion", "preference") or (item.kind == "text" and eos != start)
             ):
                 ids.append(eos)
                 mask.append(True)

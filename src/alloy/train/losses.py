@@ -169,3 +169,80 @@ def distillation_loss(
     q_log = logprobs if tau == 1.0 else torch.log_softmax(_soften(student_logits, tau), dim=-1)
     kd = _divergence(q_log, teacher, kind, tau, beta)
     return alpha * kd + (1 - alpha) * ce, kd, ce
+
+
+# ---- preference optimisation -----------------------------------------------------------------
+#
+# From per-sequence log-probabilities of the answers under the policy π and the frozen reference
+# r, h = (π_c - r_c) - (π_r - r_r) is how much more the policy prefers the chosen answer than the
+# reference does. Shapes: (B,) one value per preference pair.
+#
+# - sigmoid (DPO, Rafailov et al. 2023, https://arxiv.org/abs/2305.18290): -log σ(β h); with
+#   label smoothing ε (conservative DPO, https://ericmitchell.ai/cdpo.pdf) the labels are taken
+#   to be flipped with probability ε: -(1 - ε) log σ(β h) - ε log σ(-β h)
+# - ipo (Azar et al. 2023, https://arxiv.org/abs/2310.12036): (h - 1 / (2 β))², on length-averaged
+#   log-probabilities (as the paper and TRL do)
+#
+# The implicit rewards are β (π - r) of each answer; their margin is β h.
+
+PreferenceLoss = Literal["sigmoid", "ipo"]
+PREFERENCE_LOSSES: tuple[str, ...] = ("sigmoid", "ipo")
+
+
+def sequence_logprobs(
+    logits: torch.Tensor, labels: torch.Tensor, *, average: bool = False
+) -> torch.Tensor:
+    """(B, T, V) logits and (B, T) labels already aligned with them (position t predicts
+    labels[:, t]; -100 is not scored) -> (B,) fp32 sum of the scored tokens' log-probabilities,
+    or their mean with `average` (0 for a row without scored tokens)."""
+    mask = labels != -100  # (B, T)
+    logprobs = torch.log_softmax(logits.float(), dim=-1)  # (B, T, V)
+    picked = logprobs.gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)  # (B, T)
+    total = torch.where(mask, picked, 0.0).sum(-1)
+    return total / mask.sum(-1).clamp(min=1) if average else total
+
+
+def preference_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    reference_chosen: torch.Tensor,
+    reference_rejected: torch.Tensor,
+    *,
+    beta: float = 0.1,
+    loss: PreferenceLoss = "sigmoid",
+    label_smoothing: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-pair DPO / IPO loss and the implicit rewards (see the section comment above).
+
+    Args:
+        policy_chosen, policy_rejected, reference_chosen, reference_rejected: (B,) sequence
+            log-probabilities (length-averaged for ipo; the caller decides).
+        beta: β > 0, the strength of the pull towards the reference.
+        loss: sigmoid or ipo.
+        label_smoothing: ε in [0, 0.5), sigmoid only.
+    Returns:
+        (losses, chosen_rewards, rejected_rewards), each (B,) fp32; the rewards are detached.
+    """
+    policy = policy_chosen.float() - policy_rejected.float()
+    reference = reference_chosen.float() - reference_rejected.float()
+    h = policy - reference  # (B,)
+    if loss == "sigmoid":
+        logsig = torch.nn.functional.logsigmoid
+        losses = -(1 - label_smoothing) * logsig(beta * h) - label_smoothing * logsig(-beta * h)
+    elif loss == "ipo":
+        losses = (h - 1 / (2 * beta)) ** 2
+    else:
+        raise ValueError(f"unknown preference loss {loss!r}")
+    chosen = beta * (policy_chosen.float() - reference_chosen.float()).detach()
+    rejected = beta * (policy_rejected.float() - reference_rejected.float()).detach()
+    return losses, chosen, rejected
+
+
+def reward_metrics(chosen: torch.Tensor, rejected: torch.Tensor) -> dict[str, torch.Tensor]:
+    """() sums over pairs of the implicit rewards, their margin and how often chosen wins."""
+    return {
+        "rewards/chosen": chosen.sum(),
+        "rewards/rejected": rejected.sum(),
+        "rewards/margin": (chosen - rejected).sum(),
+        "rewards/accuracy": (chosen > rejected).float().sum(),
+    }

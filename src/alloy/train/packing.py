@@ -40,6 +40,7 @@ class Row:
     ids: np.ndarray  # (T',) token ids
     mask: np.ndarray  # (T',) bool, training targets
     positions: np.ndarray | None  # (T',) position ids restarting per document, or None
+    rejected: tuple[np.ndarray, np.ndarray] | None = None  # a pair's rejected (ids, mask)
 
 
 class Rows(Protocol):
@@ -234,7 +235,19 @@ class TrainRows(torch.utils.data.Dataset[dict[str, Any]]):
         item: dict[str, Any] = {"input_ids": ids, "labels": labels, "source": source, "index": i}
         if row.positions is not None:
             item["position_ids"] = torch.from_numpy(row.positions.astype(np.int64))
+        if row.rejected is not None:
+            rejected = torch.from_numpy(row.rejected[0].astype(np.int64))
+            item["rejected_input_ids"] = rejected
+            item["rejected_labels"] = rejected.masked_fill(
+                ~torch.from_numpy(row.rejected[1]), IGNORE
+            )
         return item
+
+
+def row_length(item: dict[str, Any]) -> int:
+    """Tokens of a `TrainRows` item (both sequences of a preference pair)."""
+    rejected = item.get("rejected_input_ids")
+    return len(item["input_ids"]) + (0 if rejected is None else len(rejected))
 
 
 @dataclass(frozen=True)
@@ -249,6 +262,8 @@ class Collator:
     pad_id: int
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        if "rejected_input_ids" in items[0]:
+            return self.pairs(items)
         length = max(len(item["input_ids"]) for item in items)
         rows = len(items)
         ids = torch.full((rows, length), self.pad_id, dtype=torch.long)  # (B, T)
@@ -276,3 +291,33 @@ class Collator:
         elif not bool(mask.all()):
             batch["attention_mask"] = mask
         return batch
+
+    def pairs(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """B preference pairs as one (2B, T) batch: the B chosen sequences, then the B rejected,
+        padded to the longest of all, so the policy scores both in one forward pass. `pairs`
+        (B ones) is what the loss is a mean over; `lengths` are each pair's real tokens."""
+        sequences = [
+            {"input_ids": item[f"{side}input_ids"], "labels": item[f"{side}labels"]}
+            for side in ("", "rejected_")
+            for item in items
+        ]
+        length = max(len(s["input_ids"]) for s in sequences)
+        rows = len(sequences)
+        ids = torch.full((rows, length), self.pad_id, dtype=torch.long)  # (2B, T)
+        labels = torch.full((rows, length), IGNORE, dtype=torch.long)
+        mask = torch.zeros((rows, length), dtype=torch.long)
+        for b, sequence in enumerate(sequences):
+            n = len(sequence["input_ids"])
+            ids[b, :n] = sequence["input_ids"]
+            labels[b, :n] = sequence["labels"]
+            mask[b, :n] = 1
+        lengths = mask.sum(-1)  # (2B,)
+        return {
+            "input_ids": ids,
+            "labels": labels,
+            "attention_mask": mask,
+            "source": torch.tensor([item["source"] for item in items]),
+            "index": torch.tensor([item["index"] for item in items]),
+            "lengths": lengths[: len(items)] + lengths[len(items) :],  # (B,)
+            "pairs": torch.ones(len(items), dtype=torch.long),
+        }

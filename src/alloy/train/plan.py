@@ -28,7 +28,14 @@ from alloy.train.adapter import (
 )
 from alloy.train.data import TokenizedSource, load_sources, resolve_sources
 from alloy.train.objectives import OBJECTIVES, ObjectiveSpec
-from alloy.train.packing import BlockRows, ExampleRows, Rows, TrainRows, mixture_order
+from alloy.train.packing import (
+    BlockRows,
+    ExampleRows,
+    Rows,
+    TrainRows,
+    mixture_order,
+    row_length,
+)
 from alloy.train.recipe import Recipe
 from alloy.train.schedules import (
     SCHEDULES,
@@ -89,7 +96,7 @@ class TrainPlan:
         hidden = int(getattr(config, "hidden_size", 0) or getattr(config, "n_embd", 0) or 0)
         layers = int(getattr(config, "num_hidden_layers", 0) or getattr(config, "n_layer", 0) or 0)
         vocab = int(getattr(config, "vocab_size", 0) or 0)
-        tokens = self.micro_batch * self.sequence_length
+        tokens = self.micro_batch * self.sequence_length * (2 if self.row_kind == "pairs" else 1)
         trained = self.adapter.trainable if self.adapter is not None else params
         optimizer = 8 if self.recipe.spec.optimizer.name == "adamw" else 4
         estimate = {
@@ -103,6 +110,12 @@ class TrainPlan:
             "activations": 34.0 * tokens * hidden * layers / (2 if self.precision_half else 1),
             "logits": 3 * 4.0 * tokens * vocab,
         }
+        if self.row_kind == "pairs":
+            from alloy.train.preference import reference_folder, settings
+
+            spec = self.recipe.spec
+            if not settings(spec).precompute_reference and reference_folder(spec) is not None:
+                estimate["reference weights"] = 4.0 * params
         teacher = self.recipe.spec.teacher
         if teacher is not None and not teacher.cache:
             estimate["teacher logits"] = 4.0 * tokens * vocab
@@ -240,7 +253,9 @@ def plan_training(
     rows: list[Rows] = []
     notes: list[str] = []
     for j, source in enumerate(tokenized):
-        if kind == "blocks":
+        if kind == "pairs":
+            rows.append(_pair_rows(source, length, spec.seed, j, notes))
+        elif kind == "blocks":
             block = BlockRows(
                 source, length, seed=spec.seed, index=j, document_attention=spec.document_attention
             )
@@ -282,8 +297,8 @@ def plan_training(
     )
     train_rows = TrainRows(rows, order, replay_from=len(new))
     row_tokens = np.fromiter(
-        (len(train_rows.rows[int(j)].row(*train_rows.places[i]).ids) for i, j in enumerate(order))
-        if kind == "examples"
+        (row_length(train_rows[i]) for i in range(len(order)))
+        if kind in ("examples", "pairs")
         else (length for _ in order),
         dtype=np.int64,
         count=len(order),
@@ -353,7 +368,40 @@ def split_batch(spec: Any, world: int) -> tuple[int, int]:
     return batch // (accumulation * world), accumulation
 
 
+def _pair_rows(source: TokenizedSource, length: int, seed: int, j: int, notes: list[str]) -> Rows:
+    from alloy.train.pairs import PairRows
+
+    rows = PairRows(source, length, seed=seed, index=j)
+    if rows.truncated:
+        notes.append(
+            f"{source.name}: {rows.truncated} pairs longer than {length} tokens are cut "
+            "(the prompt from its left, then the answers)"
+        )
+    if rows.identical:
+        notes.append(
+            f"{source.name}: {rows.identical} pairs whose chosen and rejected answers are the "
+            "same tokens (they add log 2 to the loss and nothing to the gradient)"
+        )
+    return rows
+
+
 def _row_kind(objective: ObjectiveSpec, sources: list[TokenizedSource]) -> str:
+    from alloy.train.pairs import PREFERENCE_KINDS
+
+    pairs = [s.name for s in sources if set(s.kinds) & set(PREFERENCE_KINDS)]
+    if objective.rows == "pairs" or pairs:
+        other = [s.name for s in sources if set(s.kinds) - set(PREFERENCE_KINDS)]
+        if objective.rows == "pairs" and not other:
+            return "pairs"
+        names = other if objective.rows == "pairs" else pairs
+        message = "has records that are not preference pairs"
+        hint = "give prompt/chosen/rejected records"
+        if objective.rows != "pairs":
+            message, hint = "has preference pairs", "train on them with objective: dpo"
+        raise InputError(
+            f"{objective.name} cannot use this data",
+            [Problem(f"data {name}", message, hint) for name in names],
+        )
     structured = [s.name for s in sources if set(s.kinds) - {"text"}]
     if objective.rows == "blocks":
         return "blocks"
@@ -393,7 +441,7 @@ def _row_count(spec: Any, rows: list[Rows], new: int, batch: int, length: int, k
     while True:
         order = mixture_order(weights, estimate, replay=replay, replay_fraction=fraction)
         train_rows = TrainRows(rows, order, replay_from=new)
-        lengths = np.array([len(train_rows[i]["input_ids"]) for i in range(len(order))])
+        lengths = np.array([row_length(train_rows[i]) for i in range(len(order))])
         reached = np.flatnonzero(np.cumsum(lengths) >= tokens)
         if len(reached):
             count = int(reached[0]) + 1

@@ -1,6 +1,6 @@
 """Training recipes: one strict YAML file says what to train, on what, how long and how.
 
-    objective: causal_lm            # causal_lm | sft | distill  (alloy train --help lists them)
+    objective: causal_lm            # causal_lm | sft | distill | dpo (alloy train --help lists)
     model: runs/lab/family/demo/small/base
     data:                           # one or more sources, mixed by weight (per sequence)
       - {name: fiction, corpus: fiction}            # a lab corpus domain (split: train)
@@ -34,12 +34,13 @@ from pydantic import Field, model_validator
 from alloy.errors import ProblemCollector, RecipeError, did_you_mean
 from alloy.io.yamlfile import StrictModel, read_recipe, validate_schema
 from alloy.train.adapter import GALORE_OPTIMIZERS, AdapterEntry, adapter_issues, galore_issues
+from alloy.train.preference import PreferenceEntry, preference_issues
 from alloy.train.schedule_checks import Issue, schedule_issues
 
 Number = float | int
 Precision = Literal["fp32", "bf16", "fp16"]
 Split = Literal["train", "validation", "test"]
-DataKind = Literal["auto", "text", "completion", "messages"]
+DataKind = Literal["auto", "text", "completion", "messages", "preference"]
 # AdamW is torch's fused kernel (CPU and CUDA), a bare Trainer's default: the same update as
 # the per-tensor loop, in one pass over the parameters.
 OPTIMIZERS = {
@@ -159,6 +160,7 @@ class TrainRecipe(_Strict):
     schedule: dict[str, Any]
     optimizer: OptimizerEntry = Field(default_factory=OptimizerEntry)
     teacher: TeacherEntry | None = None
+    preference: PreferenceEntry | None = None  # dpo (preference.py)
     adapter: AdapterEntry | None = None
     averaging: dict[str, dict[str, Any]] | None = None
     eval: EvalEntry | None = None
@@ -296,6 +298,7 @@ def recipe_issues(recipe: Recipe, *, check_paths: bool = True) -> list[Issue]:
     if spec.averaging is not None:
         issues += _averaging_issues(spec.averaging)
     issues += adapter_issues(spec)
+    issues += preference_issues(spec, check_paths=check_paths)
     window, stride = (spec.eval.window, spec.eval.stride) if spec.eval else (None, None)
     if window and stride and stride > window:
         issues.append(("eval.stride", f"{stride} is larger than the window {window}", None))

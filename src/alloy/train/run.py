@@ -39,6 +39,7 @@ import torch
 
 from alloy.errors import InputError, OutputExistsError, Problem
 from alloy.train.plan import TrainPlan, plan_training
+from alloy.train.preference import check_reference_tokenizer
 from alloy.train.recipe import Recipe, load_train_recipe
 
 log = logging.getLogger(__name__)
@@ -104,6 +105,7 @@ def train(
     eval_sets = _eval_sets(loaded)
     if loaded.spec.teacher is not None:
         _check_teacher_tokenizer(loaded, plan.tokenizer)
+    check_reference_tokenizer(loaded, plan.tokenizer)
     if on_plan is not None:
         on_plan(plan)
     return _run(
@@ -329,7 +331,13 @@ def _run(
         (run_dir / RECIPE_FILE).write_text(plan.recipe.text)
     device = args.device
     context = ObjectiveContext(
-        plan.recipe, plan.tokenizer, device, rows=plan.rows, width=plan.sequence_length, say=say
+        plan.recipe,
+        plan.tokenizer,
+        device,
+        rows=plan.rows,
+        width=plan.sequence_length,
+        say=say,
+        run_dir=run_dir,
     )
     with args.main_process_first(desc="teacher cache"):
         objective = plan.objective.build(context)
@@ -463,6 +471,7 @@ def dry_run(
     _eval_sets(loaded)
     if loaded.spec.teacher is not None:
         _check_teacher_tokenizer(loaded, plan.tokenizer)
+    check_reference_tokenizer(loaded, plan.tokenizer)
     return plan
 
 

@@ -8,18 +8,19 @@ the same step.
 
 Adding an objective is one file in this folder: a builder registered with `@objective`, which
 receives the `ObjectiveContext` (recipe, tokenizer, device, rows) and returns something with a
-`loss(model, batch)` method. The preference and adapter objectives slot in the same way.
+`loss(model, batch)` method (dpo.py: preference pairs, whose loss is a mean over pairs).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import torch
 
-RowKind = Literal["blocks", "examples", "either"]
+RowKind = Literal["blocks", "examples", "either", "pairs"]
 
 
 @dataclass
@@ -43,6 +44,7 @@ class ObjectiveContext:
     rows: Any = None  # the run's TrainRows (the distillation cache reads them)
     width: int = 0  # sequence length of a row
     say: Callable[[str], None] = print
+    run_dir: Path | None = None  # the run's checkpoint folder (kept across a resume)
 
 
 @dataclass(frozen=True)
@@ -95,4 +97,7 @@ def target_mask(batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def count_targets(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """What the step's loss is a mean over: target tokens, or pairs of a preference batch."""
+    if "pairs" in batch:
+        return batch["pairs"].sum()
     return target_mask(batch).sum()
