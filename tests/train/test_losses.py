@@ -1,4 +1,4 @@
-"""Distillation losses: hand-derived goldens on two-token vocabularies, properties, parity."""
+"""Distillation and preference losses: hand-derived goldens, properties, parity."""
 
 from __future__ import annotations
 
@@ -12,6 +12,9 @@ from alloy.train.losses import (
     cross_entropy,
     distillation_divergence,
     distillation_loss,
+    preference_loss,
+    reward_metrics,
+    sequence_logprobs,
     shift_for_next_token,
 )
 
@@ -142,3 +145,72 @@ def test_parity_with_trl_gkd() -> None:
             temperature=2.0,  # type: ignore[arg-type]
         )
         torch.testing.assert_close(ours / 4.0, theirs, atol=1e-5, rtol=1e-5)
+
+
+# ---- preference losses ---------------------------------------------------------------------
+
+
+def _pair(*values: float) -> list[torch.Tensor]:
+    return [torch.tensor([v]) for v in values]
+
+
+def test_dpo_is_log_2_when_the_policy_is_the_reference() -> None:
+    """h = 0: -log σ(0) = log 2 for sigmoid at any β and any ε; IPO's (0 - 1/(2β))² = 1/(4β²)."""
+    logps = _pair(-3.0, -5.0, -3.0, -5.0)
+    for beta in (0.1, 1.0):
+        for eps in (0.0, 0.2):
+            loss, chosen, rejected = preference_loss(*logps, beta=beta, label_smoothing=eps)
+            assert loss.item() == pytest.approx(math.log(2), abs=1e-7)
+            assert chosen.item() == rejected.item() == 0.0
+    loss, _, _ = preference_loss(*logps, beta=0.5, loss="ipo")
+    assert loss.item() == pytest.approx(1.0, abs=1e-7)
+
+
+def test_dpo_goldens() -> None:
+    """π_c = -1, π_r = -4, r_c = -2, r_r = -3: h = (-1 + 2) - (-4 + 3) = 2.
+    β = 0.5: βh = 1, -log σ(1) = log(1 + e^-1) = 0.313262; rewards β(π - r) = 0.5 and -0.5.
+    ε = 0.25: 0.75 · 0.313262 + 0.25 · log(1 + e) = 0.234946 + 0.25 · 1.313262 = 0.563262.
+    IPO at β = 0.5: (2 - 1)² = 1; at β = 0.25: (2 - 2)² = 0."""
+    logps = _pair(-1.0, -4.0, -2.0, -3.0)
+    loss, chosen, rejected = preference_loss(*logps, beta=0.5)
+    assert loss.item() == pytest.approx(math.log1p(math.exp(-1)), abs=1e-6)
+    assert loss.item() == pytest.approx(0.313262, abs=1e-6)
+    assert (chosen.item(), rejected.item()) == (0.5, -0.5)
+    smoothed, _, _ = preference_loss(*logps, beta=0.5, label_smoothing=0.25)
+    assert smoothed.item() == pytest.approx(0.563262, abs=1e-6)
+    assert preference_loss(*logps, beta=0.5, loss="ipo")[0].item() == pytest.approx(1.0)
+    assert preference_loss(*logps, beta=0.25, loss="ipo")[0].item() == pytest.approx(0.0)
+
+
+def test_dpo_gradient_raises_chosen_and_lowers_rejected() -> None:
+    """d/dπ_c of -log σ(β h) = -β σ(-β h) < 0 (descent raises π_c); d/dπ_r = +β σ(-β h) > 0.
+    At h = 0, β = 0.5: ∓0.25. The reference gets no gradient from the policy's loss terms."""
+    pc, pr = torch.tensor([-3.0], requires_grad=True), torch.tensor([-5.0], requires_grad=True)
+    loss, _, _ = preference_loss(pc, pr, torch.tensor([-3.0]), torch.tensor([-5.0]), beta=0.5)
+    loss.sum().backward()
+    assert pc.grad is not None and pr.grad is not None
+    assert pc.grad.item() == pytest.approx(-0.25) and pr.grad.item() == pytest.approx(0.25)
+    # IPO past its target margin (h > 1/(2β)) pushes back: the gradient flips sign
+    pc.grad = pr.grad = None
+    loss, _, _ = preference_loss(pc, pr, torch.tensor([-6.0]), torch.tensor([-2.0]), loss="ipo")
+    loss.sum().backward()
+    assert pc.grad.item() > 0 > pr.grad.item()  # h = 6 > 5
+
+
+def test_reward_metrics_sum_over_pairs() -> None:
+    chosen, rejected = torch.tensor([0.5, -0.1, 0.2]), torch.tensor([-0.5, 0.3, 0.2])
+    got = reward_metrics(chosen, rejected)
+    assert got["rewards/margin"].item() == pytest.approx(1.0 - 0.4 + 0.0)
+    assert got["rewards/accuracy"].item() == 1.0  # a tie is not a win
+    assert got["rewards/chosen"].item() == pytest.approx(0.6)
+
+
+def test_sequence_logprobs_sum_and_mean_over_scored_tokens() -> None:
+    """Two-token vocabulary, logits (0, 0) everywhere: every scored token has log-prob -log 2.
+    Row 0 scores 3 tokens (sum -3 log 2, mean -log 2); row 1 scores none (0)."""
+    logits = torch.zeros(2, 4, 2)
+    labels = torch.tensor([[1, 0, 1, -100], [-100, -100, -100, -100]])
+    total = sequence_logprobs(logits, labels)
+    mean = sequence_logprobs(logits, labels, average=True)
+    torch.testing.assert_close(total, torch.tensor([-3 * math.log(2), 0.0]))
+    torch.testing.assert_close(mean, torch.tensor([-math.log(2), 0.0]))
