@@ -8,6 +8,7 @@ sorted), a JSONL file, or a domain of the lab corpus. JSONL records are one of:
     {"messages": [{"role": "user", "content": "..."}, {"role": "assistant", ...}, ...]}
                                                       a conversation, rendered with the tokenizer's
                                                       chat template: only assistant turns are scored
+    {"prompt": ..., "chosen": ..., "rejected": ...}   a preference pair (pairs.py): two items
 
 Every item becomes token ids and a mask of which ids are training targets. A document is
 `[start] + tokens + [eos]` with every id scored (`start` is BOS, else EOS, as in `alloy eval`, so
