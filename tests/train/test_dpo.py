@@ -330,3 +330,60 @@ def test_the_shipped_example_plans_on_a_tiny_model(tiny_llama: Path, prefs: Path
     plan = dry_run(example, overrides=overrides)
     assert plan.row_kind == "pairs" and plan.steps == 3  # 48 pairs, one epoch of 16
     assert "reference weights" not in plan.memory_estimate()  # precomputed: not in memory
+
+
+def test_an_explicit_reference_is_that_model(tiny_llama: Path, prefs: Path, tmp_path: Path) -> None:
+    """reference: PATH is scored, not the start model: the first loss is no longer log 2, and
+    equals the golden formula on the two models' own log-probabilities."""
+    from transformers import AutoModelForCausalLM
+
+    from alloy.train.losses import preference_loss
+
+    other = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    other.save_pretrained(tmp_path / "ref")
+    recipe = _recipe(
+        tiny_llama, prefs, preference={"beta": 0.5, "reference": str(tmp_path / "ref")}
+    )
+    plan = plan_training(load_train_recipe(recipe))
+    batch = _batch(plan, range(8))
+    start = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    with torch.no_grad():
+        policy, reference = (pair_logprobs(m, batch, average=False) for m in (start, other.eval()))
+    losses, _, _ = preference_loss(policy[:8], policy[8:], reference[:8], reference[8:], beta=0.5)
+    result = train(recipe, tmp_path / "out")
+    assert result.metrics[0]["loss"] == pytest.approx(losses.mean().item(), abs=1e-5)
+    assert abs(result.metrics[0]["loss"] - math.log(2)) > 1e-3
+
+
+def test_a_reference_with_another_tokenizer_is_refused_before_loading(
+    tiny_llama: Path, prefs: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    shutil.copytree(tiny_llama, tmp_path / "ref")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    tokenizer.add_tokens(["<extra>"])
+    tokenizer.save_pretrained(tmp_path / "ref")
+    recipe = _recipe(tiny_llama, prefs, preference={"reference": str(tmp_path / "ref")})
+    assert main(["train", str(_write(tmp_path / "r.yaml", recipe)), str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "the reference does not share the policy's tokenizer" in err
+    assert "preference.reference" in err
+
+
+def test_identical_answers_are_noted(tiny_llama: Path, tmp_path: Path) -> None:
+    data = tmp_path / "same.jsonl"
+    data.write_text(
+        json.dumps({"prompt": "1+1=", "chosen": "2", "rejected": "2"})
+        + "\n"
+        + json.dumps({"prompt": "1+2=", "chosen": "3", "rejected": "4"})
+        + "\n"
+    )
+    plan = plan_training(load_train_recipe(_recipe(tiny_llama, data, batch_size=2)))
+    assert any("1 pairs whose chosen and rejected answers are the same" in n for n in plan.notes)

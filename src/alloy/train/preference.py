@@ -30,6 +30,7 @@ from alloy.io.yamlfile import StrictModel
 
 Number = float | int
 Issue = tuple[str, str, str | None]  # (YAML path, problem, hint)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 LOSSES = ("sigmoid", "ipo")  # = losses.PREFERENCE_LOSSES (this module imports no torch)
 
 
@@ -108,7 +109,9 @@ def _reference_folder_issues(folder: Path) -> list[Issue]:
 
 
 def check_reference_tokenizer(recipe: Any, tokenizer: Any) -> None:
-    """Raise unless an explicit `reference:` shares the policy's tokenizer id for id.
+    """Raise unless an explicit `reference:` shares the policy's tokenizer id for id (when its
+    folder has tokenizer files; a bare `save_pretrained` model folder has none) and its config
+    scores every id of the policy's tokenizer.
 
     Raises:
         IncompatibleModelsError: the reference scores other tokens (with the first that differ).
@@ -123,9 +126,10 @@ def check_reference_tokenizer(recipe: Any, tokenizer: Any) -> None:
     if recipe.spec.objective != "dpo" or entry.reference is None:
         return
     folder = Path(entry.reference)
-    other = load_pretrained(folder, AutoTokenizer, f"reference {folder}")
     try:
-        check_same_tokenizer(tokenizer, other, str(folder))
+        if any((folder / name).is_file() for name in TOKENIZER_FILES):
+            other = load_pretrained(folder, AutoTokenizer, f"reference {folder}")
+            check_same_tokenizer(tokenizer, other, str(folder))
     except IncompatibleModelsError as error:
         raise IncompatibleModelsError(
             "the reference does not share the policy's tokenizer",
