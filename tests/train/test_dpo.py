@@ -387,3 +387,35 @@ def test_identical_answers_are_noted(tiny_llama: Path, tmp_path: Path) -> None:
     )
     plan = plan_training(load_train_recipe(_recipe(tiny_llama, data, batch_size=2)))
     assert any("1 pairs whose chosen and rejected answers are the same" in n for n in plan.notes)
+
+
+@pytest.mark.parametrize("precompute", [False, True], ids=["adapter-disabled", "precomputed"])
+def test_two_processes_match_one(
+    tiny_llama: Path, prefs: Path, tmp_path: Path, precompute: bool
+) -> None:
+    """`accelerate launch` over two CPU processes (gloo, DDP) gives one process's losses: with
+    a LoRA whose reference is the adapter-disabled base reached through DDP's wrapper, and with
+    a reference table the main process computes and the other reads."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("accelerate")
+    preference = {"beta": 0.5, "precompute_reference": precompute}
+    recipe = _recipe(tiny_llama, prefs, preference=preference, device="cpu")
+    if not precompute:
+        recipe["adapter"] = {"rank": 4, "target_modules": ["q_proj", "v_proj"]}
+    path = _write(tmp_path / "r.yaml", recipe)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env.pop("WORLD_SIZE", None)
+    alloy = ["-m", "alloy", "train", "-q", str(path)]
+    subprocess.run([sys.executable, *alloy, str(tmp_path / "one")], check=True, env=env)
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu"]
+    launch += ["--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no"]
+    launch += ["--dynamo_backend", "no", *alloy, str(tmp_path / "two")]
+    subprocess.run(launch, check=True, env=env, capture_output=True)
+    one, two = _metrics(tmp_path / "one"), _metrics(tmp_path / "two")
+    for key in ("loss", "rewards/margin", "rewards/accuracy"):
+        assert [r[key] for r in one] == pytest.approx([r[key] for r in two], abs=1e-5), key
+    summary = json.loads((tmp_path / "two" / "training" / "summary.json").read_text())
+    assert summary["processes"] == 2
