@@ -128,7 +128,7 @@ def train_command(
     ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
 ) -> None:
-    """Train a model as RECIPE says (objectives: causal_lm, sft, distill) and write it to OUT.
+    """Train a model as RECIPE says (objectives: causal_lm, sft, distill, dpo) and write it to OUT.
 
     With `adapter:` (LoRA, DoRA, VeRA) OUT is a PEFT adapter folder, or with --merge the folded
     model. Works unchanged under `accelerate launch` (DDP, FSDP, DeepSpeed).
