@@ -276,7 +276,13 @@ def test_recipe_typos_exit_2_with_did_you_mean(
     assert "did you mean 'label_smoothing'?" in err and "preference.beta" in err
     recipe = _recipe(tiny_llama, prefs, preference={"label_smoothing": 0.5})
     assert main(["validate", str(_write(tmp_path / "c.yaml", recipe))]) == 2
-    assert "preference.label_smoothing" in capsys.readouterr().err
+    assert "preference.label_smoothing: Input should be less than 0.5" in capsys.readouterr().err
+    recipe = _recipe(tiny_llama, prefs, preference={"loss": "ipo", "label_smoothing": 0.1})
+    recipe["data"] = [{"path": str(prefs), "bootstrap": 1}]
+    assert main(["validate", str(_write(tmp_path / "d.yaml", recipe))]) == 2
+    err = capsys.readouterr().err
+    assert "preference.label_smoothing: applies to loss: sigmoid only" in err
+    assert "data.0.bootstrap: not supported by dpo" in err
 
 
 def test_objectives_refuse_each_others_data(

@@ -88,6 +88,9 @@ def preference_issues(spec: Any, *, check_paths: bool = True) -> list[Issue]:
         )
     if spec.replay is not None:
         issues.append(("replay", "dpo trains on preference pairs only", "remove replay:"))
+    for i, data in enumerate(spec.data):
+        if data.bootstrap is not None:  # it resamples items, and a pair is two of them
+            issues.append((f"data.{i}.bootstrap", "not supported by dpo", "remove it"))
     if check_paths and entry.reference is not None:
         issues += _reference_folder_issues(Path(entry.reference))
     return issues
