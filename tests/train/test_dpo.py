@@ -108,10 +108,27 @@ def test_pairs_are_one_padded_batch_with_a_shared_prompt(tiny_llama: Path, prefs
     )
 
 
-def test_truncation_cuts_the_prompt_from_the_left_then_the_answers() -> None:
+def test_truncation_cuts_the_prompt_from_the_left_then_the_answers(
+    tiny_llama: Path, tmp_path: Path
+) -> None:
+    """The tiny tokenizer is one token per character. A 40-character prompt (41 tokens with
+    BOS) and answers of 3 and 2 characters (4 and 3 with EOS) in rows of 32: the prompt keeps
+    BOS and its last 27 characters, the answers stay whole."""
     assert fit_pair(10, 5, 32) == (10, 5)  # fits
     assert fit_pair(30, 5, 32) == (27, 5)  # prompt shortened
     assert fit_pair(30, 40, 32) == (16, 16)  # prompt down to half the row, answers cut
+    prompt = "".join(chr(ord("a") + i % 26) for i in range(40))
+    data = tmp_path / "long.jsonl"
+    data.write_text(json.dumps({"prompt": prompt, "chosen": "yes", "rejected": "no"}) + "\n")
+    plan = plan_training(load_train_recipe(_recipe(tiny_llama, data, batch_size=1)))
+    assert any("1 pairs longer than 32 tokens are cut" in n for n in plan.notes)
+    item, tokenizer = plan.rows[0], plan.tokenizer
+    assert len(item["input_ids"]) == 32 and len(item["rejected_input_ids"]) == 31
+    assert item["input_ids"][0] == tokenizer.bos_token_id
+    for key, answer in (("input_ids", "yes"), ("rejected_input_ids", "no")):
+        assert item[key][-1] == tokenizer.eos_token_id
+        text = "".join(tokenizer.convert_ids_to_tokens(item[key][1:-1].tolist()))
+        assert text == prompt[-27:] + answer
 
 
 def _objective(plan: Any, **context: Any) -> Any:

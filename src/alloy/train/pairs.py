@@ -24,6 +24,7 @@ import numpy as np
 
 from alloy.errors import Problem
 from alloy.train.data import Item, TokenizedSource, render_messages
+from alloy.train.packing import Row, _permutation
 
 ANSWERS = ("chosen", "rejected")
 PREFERENCE_KINDS = ("preference", "preference_chat")
@@ -116,13 +117,10 @@ class PairRows:
     """One preference pair per row, in a seeded order per epoch (a `packing.Rows`)."""
 
     def __init__(self, source: TokenizedSource, length: int, *, seed: int, index: int) -> None:
-        from alloy.train.packing import _permutation
-
         self.name = source.name
         self.source = source
         self.length = length
         self.seed, self.index = seed, index
-        self._permutation = _permutation
         self.pairs = source.items // 2
         self.truncated = 0
         self.identical = 0
@@ -152,10 +150,8 @@ class PairRows:
         )
         return chosen, rejected
 
-    def row(self, epoch: int, index: int) -> Any:
-        from alloy.train.packing import Row
-
+    def row(self, epoch: int, index: int) -> Row:
         if epoch not in self._orders:
-            self._orders = {epoch: self._permutation(self.seed, self.index, epoch, self.pairs)}
+            self._orders = {epoch: _permutation(self.seed, self.index, epoch, self.pairs)}
         (ci, cm), rejected = self.pair(int(self._orders[epoch][index]))
         return Row(ci, cm, None, rejected)
