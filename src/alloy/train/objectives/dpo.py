@@ -81,10 +81,12 @@ class ReferenceCache:
         folder: Path,
         batch_size: int,
         device: torch.device,
+        prune: bool = True,
         say: Callable[[str], None] = print,
     ) -> ReferenceCache:
         """The table for `rows` (a TrainRows), computed now with the model `load()` returns
-        unless a table with the same key is already in `folder`."""
+        unless a table with the same key is already in `folder`; with `prune` (a run's own
+        folder), the other tables there are removed when a new one is written."""
         digest = hashlib.sha256(f"{identity}\0{average}".encode())
         for i in range(len(rows)):
             item = rows[i]
@@ -107,7 +109,7 @@ class ReferenceCache:
         if device.type == "cuda":
             torch.cuda.empty_cache()
         folder.mkdir(parents=True, exist_ok=True)
-        for old in folder.glob("*.npy"):  # another data set's table
+        for old in folder.glob("*.npy") if prune else ():  # an earlier data set's table
             old.unlink()
         tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npy")
         np.save(tmp, values)
@@ -200,6 +202,7 @@ def build_dpo(context: ObjectiveContext) -> Objective:
         folder=root / CACHE_FOLDER,
         batch_size=split_batch(spec, world_size())[0],
         device=context.device,
+        prune=context.run_dir is not None,  # the shared cache folder holds other runs' tables
         say=context.say,
     )
     return DPO(entry, None, cache)
