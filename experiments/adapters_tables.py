@@ -109,7 +109,7 @@ def section_experts(p: dict[str, Any]) -> str:
     for name, row in ppl.items():
         run = p["runs"].get(name.replace(" expert", ""))
         trainable = f"{run['trainable']:,}" if run else ""
-        if name.startswith("full expert") and "parameters" in p:
+        if name.startswith("full expert ") and "parameters" in p:
             trainable = f"all {p['parameters']:,}"
         mean = sum(row[d] for d in DOMAINS) / len(DOMAINS)
         lines.append(
@@ -124,5 +124,40 @@ def section_experts(p: dict[str, Any]) -> str:
         "Share of each domain's gap between the base and its own expert that the MoE closes "
         f"({', '.join(DOMAINS)}): MoE of the full fine-tunes {gap(moe_full, 'full')}; MoE of "
         f"the MLP-LoRA experts {gap(moe_lora, 'MLP-LoRA')}.",
+        "",
+        "Seen: " + _moe_reading(ppl, moe_full, moe_lora),
     ]
     return "\n".join(lines)
+
+
+def _moe_reading(
+    ppl: dict[str, dict[str, float]], moe_full: dict[str, float], moe_lora: dict[str, float]
+) -> str:
+    """What the MoE rows say, in absolute terms as well as in shares of each expert's gap."""
+    lower = [d for d in DOMAINS if moe_lora[d] < moe_full[d]]
+    own = {kind: [ppl[f"{kind} expert {d}"][d] for d in DOMAINS] for kind in ("full", "MLP-LoRA")}
+    base = [ppl["small base"][d] for d in DOMAINS]
+    gain = {
+        k: sum(b - o for b, o in zip(base, v, strict=True)) / len(DOMAINS) for k, v in own.items()
+    }
+    mean = {
+        k: sum(row[d] for d in DOMAINS) / len(DOMAINS)
+        for k, row in (("full", moe_full), ("lora", moe_lora))
+    }
+    return (
+        "the shares differ because the experts do: an MLP-LoRA expert carries its whole "
+        "difference from the base in its MLPs, which an MoE keeps, while a full fine-tune's lies "
+        "mostly elsewhere; but it also learns less (own-domain perplexity "
+        f"{gain['MLP-LoRA']:.1f} below the base on average, against {gain['full']:.1f} for the "
+        "full fine-tunes). In absolute terms the MoE of MLP-LoRA experts is lower than the MoE of "
+        f"full fine-tunes on {len(lower)} of {len(DOMAINS)} domains (mean {mean['lora']:.1f} "
+        f"against {mean['full']:.1f}); {_versus_experts(ppl, moe_lora)}."
+    )
+
+
+def _versus_experts(ppl: dict[str, dict[str, float]], moe: dict[str, float]) -> str:
+    above = [d for d in DOMAINS if moe[d] > ppl[f"full expert {d}"][d]]
+    return (
+        f"it stays above the full expert's own-domain perplexity on {len(above)} of "
+        f"{len(DOMAINS)} domains"
+    )
