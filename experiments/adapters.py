@@ -1,7 +1,7 @@
 """Adapters against full fine-tuning, and LoRA experts merged and upcycled, to docs/results.md.
 
     python experiments/adapters.py --parts smollm2          # SmolLM2-135M, about 15 min on 2 cores
-    python experiments/adapters.py --parts experts          # lab family (experiment, small), about 30 min
+    python experiments/adapters.py --parts experts          # lab family (experiment), about 30 min
 
 - smollm2: SmolLM2-135M-Instruct (imported by the lab from PyPI) trained on one domain (drama)
   for the same number of steps and tokens by full fine-tuning (AdamW), GaLore, LoRA and VeRA:
