@@ -116,6 +116,7 @@ def _register() -> None:
     from alloy.cli import lora_merge as _lora_merge  # noqa: F401
     from alloy.cli import merge as _merge  # noqa: F401
     from alloy.cli import moe as _moe  # noqa: F401
+    from alloy.cli import prefs as _prefs  # noqa: F401
     from alloy.cli import soup as _soup  # noqa: F401
     from alloy.cli import train as _train  # noqa: F401
 

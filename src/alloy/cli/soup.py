@@ -34,8 +34,11 @@ from alloy.errors import InputError
 CANDIDATE_FLAGS = ("--candidates", "-c")
 
 
-def spread_candidates(args: Sequence[str], *, value_options: Collection[str]) -> list[str]:
-    """Rewrite `--candidates A B C` as `--candidates A --candidates B --candidates C`.
+def spread_candidates(
+    args: Sequence[str], *, value_options: Collection[str], flags: Collection[str] = CANDIDATE_FLAGS
+) -> list[str]:
+    """Rewrite `--candidates A B C` as `--candidates A --candidates B --candidates C` (or the
+    same for another list option, `flags`).
 
     Click options take one value each; a list of model folders after one flag (what a shell glob
     gives) reads better. The list ends at the next option, so OUT goes after another option
@@ -52,7 +55,7 @@ def spread_candidates(args: Sequence[str], *, value_options: Collection[str]) ->
         if token == "--":
             out += args[i:]
             break
-        if token in CANDIDATE_FLAGS:
+        if token in flags:
             start = i = i + 1
             while i < len(args) and not args[i].startswith("-"):
                 i += 1
@@ -67,17 +70,21 @@ def spread_candidates(args: Sequence[str], *, value_options: Collection[str]) ->
     return out
 
 
+def value_options(command: Any, ctx: Any) -> set[str]:
+    """Names of `command`'s options that take a value (so that value is not positional)."""
+    return {
+        name
+        for param in command.get_params(ctx)
+        if isinstance(param, TyperOption) and not param.is_flag
+        for name in param.opts
+    }
+
+
 class _SoupCommand(MergekitFlagsCommand):
     """Typer's command, with `--candidates A B C` spread before click parses the arguments."""
 
     def parse_args(self, ctx: Any, args: list[str]) -> list[str]:  # ctx: typer's click Context
-        value_options = {
-            name
-            for param in self.get_params(ctx)
-            if isinstance(param, TyperOption) and not param.is_flag
-            for name in param.opts
-        }
-        spread = spread_candidates(args, value_options=value_options)
+        spread = spread_candidates(args, value_options=value_options(self, ctx))
         try:
             return super().parse_args(ctx, list(spread))  # click consumes the list it gets
         except typer.BadParameter as exc:  # OUT has no type check: it can only be missing
