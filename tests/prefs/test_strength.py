@@ -187,3 +187,29 @@ def test_cli_bad_input_is_reported_at_once(
     data = _write(tmp_path / "pairs.jsonl", PAIRS)
     assert main(["prefs", "strength", str(data), str(out), "-m", str(scorers["rm1"])]) == 2
     assert (out / "keep.txt").read_text() == "x"  # never overwritten without --force
+
+
+def test_unscored_entries_are_left_out() -> None:
+    nan = float("nan")
+    d = torch.tensor([[2.0, nan, 1.0], [4.0, -1.0, nan], [nan, -3.0, 3.0]])
+    result = strength(d)
+    assert result.mean.tolist() == pytest.approx([3.0, -2.0, 2.0])
+    assert result.std.tolist() == pytest.approx([math.sqrt(2), math.sqrt(2), math.sqrt(2)])
+    assert result.flags == ("clean", "mislabelled", "clean")
+    with pytest.raises(ValueError, match="all NaN"):
+        strength(torch.tensor([[nan, 1.0]]))
+    assert standardize(torch.tensor([[1.0, nan, 3.0]]))[0, 2] == pytest.approx(3 / math.sqrt(2))
+
+
+def test_holdout_assignment_is_exact_balanced_and_seeded() -> None:
+    from alloy.prefs.strength import holdout_assignment
+
+    mask = holdout_assignment(101, 4, 2, seed=5)
+    assert mask.shape == (4, 101)
+    assert (mask.sum(dim=0) == 2).all()  # every pair held out by exactly two models
+    shares = mask.sum(dim=1)
+    assert int(shares.max() - shares.min()) <= 1 and int(shares.sum()) == 202
+    assert torch.equal(mask, holdout_assignment(101, 4, 2, seed=5))
+    assert not torch.equal(mask, holdout_assignment(101, 4, 2, seed=6))
+    with pytest.raises(ValueError, match="held"):
+        holdout_assignment(10, 3, 3)

@@ -48,6 +48,7 @@ def run_strength(
     out: str | os.PathLike[str],
     *,
     load: Callable[[str], Any],
+    scored: torch.Tensor | None = None,
     band: float = 1.0,
     standardized: bool = False,
     batch_size: int = 8,
@@ -55,21 +56,29 @@ def run_strength(
     say: Callable[[str], None] = print,
 ) -> tuple[Strength, dict[str, Any]]:
     """Score `items` (read from `data`) with each model (`load(path)` gives its scorer, one at a
-    time, so memory holds one model) and write OUT. Inputs are checked by the caller."""
+    time, so memory holds one model) and write OUT. Inputs are checked by the caller.
+
+    Args:
+        scored: (models, pairs) bool, True where model k scores pair i (the pairs it held out
+            of its training); None: every model scores every pair.
+    """
     from alloy.io.atomic import AtomicFolder
 
-    rows: list[list[float]] = []
+    differences = torch.full((len(models), len(items)), float("nan"), dtype=torch.float64)
     for k, model in enumerate(models):
-        say(f"scoring {len(items)} pairs with {model} ({k + 1}/{len(models)})")
+        which = list(range(len(items))) if scored is None else scored[k].nonzero()[:, 0].tolist()
+        say(f"scoring {len(which)} pairs with {model} ({k + 1}/{len(models)})")
         scorer = load(model)
-        rows.append(pair_differences(scorer, items, batch_size))
+        values = pair_differences(scorer, [items[i] for i in which], batch_size)
+        differences[k, which] = torch.tensor(values, dtype=torch.float64)
         del scorer
-    differences = torch.tensor(rows, dtype=torch.float64)  # (K, N)
     if standardized:
         differences = standardize(differences)
     result = strength(differences, band)
     info = summarize(result, list(models))
     info |= {"data": str(data), "band": band, "standardize": standardized}
+    if scored is not None:
+        info["scores_per_pair"] = int(scored[:, 0].sum())
     lines = [number for number, _ in data_records(data)]
     with AtomicFolder(out, force=force) as tmp:
         with (tmp / "strength.jsonl").open("w", encoding="utf-8") as f:
@@ -79,7 +88,7 @@ def run_strength(
                     "mean": float(result.mean[i]),
                     "std": float(result.std[i]),
                     "flag": result.flags[i],
-                    "differences": [float(v) for v in differences[:, i]],
+                    "differences": [None if v != v else v for v in differences[:, i].tolist()],
                 }
                 f.write(json.dumps(row) + "\n")
         (tmp / "summary.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")

@@ -36,16 +36,42 @@ class Strength:
 
 
 def standardize(differences: torch.Tensor) -> torch.Tensor:
-    """Each scorer's row (K, N) divided by its standard deviation over the N pairs (a scorer
-    that scores every pair alike is left as it is)."""
-    scale = differences.std(dim=1, keepdim=True) if differences.shape[1] > 1 else None
-    if scale is None:
-        return differences
-    return differences / torch.where(scale > 0, scale, torch.ones_like(scale))
+    """Each scorer's row (K, N) divided by its standard deviation over the pairs it scored (NaN:
+    not scored); a scorer that scores every pair alike is left as it is."""
+    rows = []
+    for row in differences:
+        seen = row[~torch.isnan(row)]
+        scale = float(seen.std()) if seen.numel() > 1 else 0.0
+        rows.append(row / scale if scale > 0 else row)
+    return torch.stack(rows)
+
+
+def holdout_assignment(pairs: int, models: int, held: int, seed: int = 0) -> torch.Tensor:
+    """(models, pairs) bool: True where a model holds a pair out of its training data. Each pair
+    is held out by exactly `held` models, chosen at random (seeded), and the models' shares are
+    balanced, so every pair gets `held` scores from models that never saw it.
+
+    Raises:
+        ValueError: not 1 <= held < models.
+    """
+    if not 1 <= held < models:
+        raise ValueError(f"held must be in [1, {models}), got {held}")
+    generator = torch.Generator().manual_seed(seed)
+    out = torch.zeros((models, pairs), dtype=torch.bool)
+    load = torch.zeros(models)
+    for i in torch.randperm(pairs, generator=generator).tolist():
+        # The least-loaded models first, ties broken at random: shares stay within one pair.
+        noise = torch.rand(models, generator=generator)
+        chosen = torch.argsort(load + noise * 0.5)[:held]
+        out[chosen, i] = True
+        load[chosen] += 1
+    return out
 
 
 def strength(differences: torch.Tensor, band: float = 1.0) -> Strength:
     """`differences` (K scorers, N pairs) -> per-pair mean, spread and flag (module docstring).
+    A NaN entry is a pair that scorer did not score (it trained on it): the pair's statistics
+    use the other scorers.
 
     Raises:
         ValueError: `differences` is not a non-empty 2-D tensor, or `band` is negative.
@@ -55,8 +81,13 @@ def strength(differences: torch.Tensor, band: float = 1.0) -> Strength:
     if band < 0:
         raise ValueError(f"band must be >= 0, got {band}")
     d = differences.double()
-    mean = d.mean(dim=0)
-    std = d.std(dim=0) if d.shape[0] > 1 else torch.zeros_like(mean)
+    seen = ~torch.isnan(d)
+    count = seen.sum(dim=0)
+    if bool((count == 0).any()):
+        raise ValueError("every pair needs at least one score (a column is all NaN)")
+    mean = torch.where(seen, d, 0.0).sum(dim=0) / count
+    spread = torch.where(seen, d - mean, 0.0).pow(2).sum(dim=0)
+    std = torch.where(count > 1, spread / (count - 1).clamp(min=1), 0.0).sqrt()
     flags: list[Flag] = []
     for m, s in zip(mean.tolist(), std.tolist(), strict=True):
         flags.append("clean" if m > band * s else "mislabelled" if m < -band * s else "ambiguous")
