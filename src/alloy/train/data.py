@@ -63,6 +63,7 @@ class Source:
 class Item:
     kind: ItemKind
     segments: tuple[Segment, ...]
+    margin: float = 0.0  # a preference pair's `margin` (the reward objective's m)
 
 
 @dataclass
@@ -79,6 +80,7 @@ class TokenizedSource:
     kinds: tuple[str, ...]  # the item kinds found (text, completion, messages)
     files: tuple[tuple[str, str], ...]  # (path, sha256) of every file read
     cached: bool = False
+    margins: np.ndarray | None = None  # (n,) float32 margin of each item (preference pairs)
 
     @property
     def items(self) -> int:
@@ -308,6 +310,7 @@ def tokenize_items(items: Sequence[Item], tokenizer: Any, batch: int = 512) -> T
             lengths[first + offset] = len(ids)
     starts = np.zeros(len(items) + 1, dtype=np.int64)
     np.cumsum(lengths, out=starts[1:])
+    paired = any(item.kind in ("preference", "preference_chat") for item in items)
     return TokenizedSource(
         name="",
         ids=np.concatenate(ids_parts) if ids_parts else np.zeros(0, dtype=np.uint32),
@@ -315,6 +318,7 @@ def tokenize_items(items: Sequence[Item], tokenizer: Any, batch: int = 512) -> T
         starts=starts,
         kinds=tuple(sorted({item.kind for item in items})),
         files=(),
+        margins=np.asarray([item.margin for item in items], dtype=np.float32) if paired else None,
     )
 
 
@@ -395,6 +399,7 @@ def bootstrap(source: TokenizedSource, seed: int) -> TokenizedSource:
         source.kinds,
         source.files,
         source.cached,
+        None if source.margins is None else source.margins[picks],
     )
 
 
@@ -426,12 +431,21 @@ def _read_cache(folder: Path) -> TokenizedSource | None:
     try:
         meta = json.loads((folder / "meta.json").read_text())
         arrays = {n: np.load(folder / f"{n}.npy", mmap_mode="r") for n in ("ids", "mask", "starts")}
+        # Pairs cached before margins were kept have none: tokenised again rather than read as 0.
+        paired = any(k in ("preference", "preference_chat") for k in meta["kinds"])
+        margins = np.load(folder / "margins.npy") if paired else None
     except (OSError, ValueError, KeyError):
         return None
     if meta.get("version") != CACHE_VERSION or int(arrays["starts"][-1]) != len(arrays["ids"]):
         return None
     return TokenizedSource(
-        "", arrays["ids"], arrays["mask"], arrays["starts"], tuple(meta["kinds"]), ()
+        "",
+        arrays["ids"],
+        arrays["mask"],
+        arrays["starts"],
+        tuple(meta["kinds"]),
+        (),
+        margins=margins,
     )
 
 
@@ -442,6 +456,8 @@ def _write_cache(folder: Path, tokenized: TokenizedSource) -> None:
         tmp.mkdir(parents=True, exist_ok=True)
         for name in ("ids", "mask", "starts"):
             np.save(tmp / f"{name}.npy", getattr(tokenized, name))
+        if tokenized.margins is not None:
+            np.save(tmp / "margins.npy", tokenized.margins)
         meta = {
             "version": CACHE_VERSION,
             "kinds": list(tokenized.kinds),

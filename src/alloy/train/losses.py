@@ -238,6 +238,41 @@ def preference_loss(
     return losses, chosen, rejected
 
 
+# ---- reward models (Bradley-Terry) -----------------------------------------------------------
+#
+# A reward model gives each answer one scalar r. Under the Bradley-Terry model (Bradley & Terry
+# 1952; InstructGPT, https://arxiv.org/abs/2203.02155) P(chosen ≻ rejected) = σ(r_c - r_r), and
+# the loss is its negative log-likelihood; Llama 2 (https://arxiv.org/abs/2307.09288) subtracts
+# a per-pair margin m (how much better the chosen answer was rated): -log σ(r_c - r_r - m).
+# With `center` η the auxiliary η (r_c + r_r)² keeps rewards centred on 0 (Eisenstein et al.
+# 2023, https://arxiv.org/abs/2312.09244; TRL's center_rewards_coefficient). Shapes: (B,).
+
+
+def reward_loss(
+    chosen: torch.Tensor,
+    rejected: torch.Tensor,
+    *,
+    margin: torch.Tensor | None = None,
+    center: float = 0.0,
+) -> torch.Tensor:
+    """(B,) Bradley-Terry loss per pair: -log σ(r_c - r_r - m) + η (r_c + r_r)².
+
+    Args:
+        chosen, rejected: (B,) rewards of each pair's answers.
+        margin: (B,) per-pair margins m (none: 0).
+        center: η ≥ 0, the weight of the centring term.
+    Returns:
+        (B,) fp32 losses (log 2 for a pair whose rewards are equal, without margin or centring).
+    """
+    difference = chosen.float() - rejected.float()
+    if margin is not None:
+        difference = difference - margin.float()
+    losses = -torch.nn.functional.logsigmoid(difference)
+    if center:
+        losses = losses + center * (chosen.float() + rejected.float()) ** 2
+    return losses
+
+
 def reward_metrics(chosen: torch.Tensor, rejected: torch.Tensor) -> dict[str, torch.Tensor]:
     """() sums over pairs of the implicit rewards, their margin and how often chosen wins."""
     return {

@@ -41,6 +41,7 @@ class Row:
     mask: np.ndarray  # (T',) bool, training targets
     positions: np.ndarray | None  # (T',) position ids restarting per document, or None
     rejected: tuple[np.ndarray, np.ndarray] | None = None  # a pair's rejected (ids, mask)
+    margin: float = 0.0  # a pair's margin (the reward objective's m)
 
 
 class Rows(Protocol):
@@ -238,6 +239,7 @@ class TrainRows(torch.utils.data.Dataset[dict[str, Any]]):
         if row.rejected is not None:
             rejected = torch.from_numpy(row.rejected[0].astype(np.int64))
             item["rejected_input_ids"] = rejected
+            item["margin"] = row.margin
             item["rejected_labels"] = rejected.masked_fill(
                 ~torch.from_numpy(row.rejected[1]), IGNORE
             )
@@ -320,4 +322,5 @@ class Collator:
             "index": torch.tensor([item["index"] for item in items]),
             "lengths": lengths[: len(items)] + lengths[len(items) :],  # (B,)
             "pairs": torch.ones(len(items), dtype=torch.long),
+            "margins": torch.tensor([float(item.get("margin", 0.0)) for item in items]),  # (B,)
         }

@@ -11,6 +11,9 @@ turn, the prompt's messages being context and the answer's assistant turns the t
 `prompt`, the prompt is the messages chosen and rejected share at their start. A pair is stored
 as two items of its source (chosen, then rejected), so the token cache holds pairs unchanged.
 
+A record may also carry `margin`, a number (default 0): how much better the chosen answer was
+rated, which the reward objective subtracts from the reward difference (Llama 2); dpo ignores it.
+
 A row holds one pair. When the prompt and the longer answer do not fit `sequence_length` L, the
 prompt loses tokens from its left (its first token, BOS, is kept), down to half the row; then
 the answers keep their first L - (prompt) tokens. Both answers always follow the same prompt.
@@ -18,6 +21,8 @@ the answers keep their first L - (prompt) tokens. Both answers always follow the
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from typing import Any
 
 import numpy as np
@@ -45,8 +50,12 @@ def preference_items(
     if missing:
         problems.append(Problem(where, f"missing {', '.join(missing)}", "prompt, chosen, rejected"))
         return []
+    margin = _margin(record, where, problems)
+    if margin is None:
+        return []
     if chat:
-        return _chat_items(record, where, tokenizer, problems)
+        items = _chat_items(record, where, tokenizer, problems)
+        return [dataclasses.replace(item, margin=margin) for item in items]
     values = [record[k] for k in ("prompt", *ANSWERS)]
     if not all(isinstance(v, str) for v in values):
         kinds = ", ".join(f"{k} {type(record[k]).__name__}" for k in ("prompt", *ANSWERS))
@@ -59,9 +68,20 @@ def preference_items(
         problems.append(Problem(where, f"empty {' and '.join(empty)} answer"))
         return []
     return [
-        Item("preference", ((prompt, False), (chosen, True))),
-        Item("preference", ((prompt, False), (rejected, True))),
+        Item("preference", ((prompt, False), (chosen, True)), margin),
+        Item("preference", ((prompt, False), (rejected, True)), margin),
     ]
+
+
+def _margin(record: dict[str, Any], where: str, problems: list[Problem]) -> float | None:
+    """The record's `margin` (0 without one), or None with its problem added."""
+    value = record.get("margin", 0.0)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        problems.append(
+            Problem(where, f"margin must be a finite number, not {value!r}", "e.g. margin: 1.5")
+        )
+        return None
+    return float(value)
 
 
 def _chat_items(
@@ -153,5 +173,7 @@ class PairRows:
     def row(self, epoch: int, index: int) -> Row:
         if epoch not in self._orders:
             self._orders = {epoch: _permutation(self.seed, self.index, epoch, self.pairs)}
-        (ci, cm), rejected = self.pair(int(self._orders[epoch][index]))
-        return Row(ci, cm, None, rejected)
+        k = int(self._orders[epoch][index])
+        (ci, cm), rejected = self.pair(k)
+        margins = self.source.margins
+        return Row(ci, cm, None, rejected, 0.0 if margins is None else float(margins[2 * k]))

@@ -114,7 +114,8 @@ class TrainPlan:
             from alloy.train.preference import reference_folder, settings
 
             spec = self.recipe.spec
-            if not settings(spec).precompute_reference and reference_folder(spec) is not None:
+            live = spec.objective == "dpo" and not settings(spec).precompute_reference
+            if live and reference_folder(spec) is not None:
                 estimate["reference weights"] = 4.0 * params
         teacher = self.recipe.spec.teacher
         if teacher is not None and not teacher.cache:
@@ -397,7 +398,7 @@ def _row_kind(objective: ObjectiveSpec, sources: list[TokenizedSource]) -> str:
         message = "has records that are not preference pairs"
         hint = "give prompt/chosen/rejected records"
         if objective.rows != "pairs":
-            message, hint = "has preference pairs", "train on them with objective: dpo"
+            message, hint = "has preference pairs", "train on them with objective: dpo or reward"
         raise InputError(
             f"{objective.name} cannot use this data",
             [Problem(f"data {name}", message, hint) for name in names],

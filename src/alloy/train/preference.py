@@ -9,11 +9,16 @@
       reference: null           # a model folder; none: the policy's own starting weights
       precompute_reference: false   # reference log-probs once, before training (cached)
 
+    objective: reward           # a Bradley-Terry reward model on the same pairs
+    preference:
+      center_rewards: 0.0       # η of the auxiliary η (r_c + r_r)² (TRL's coefficient)
+
 What the reference is: `reference:` when given; otherwise, with an `adapter:`, the base model
 with the adapter switched off (PEFT's `disable_adapter()`, no second model in memory); otherwise
 one frozen copy of the starting model. Everything here is checked before any weight is loaded
 (the reference's tokenizer against the policy's in `check_reference_tokenizer`). The losses are
-in losses.py, the data in pairs.py, the objective in objectives/dpo.py.
+in losses.py, the data in pairs.py, the objectives in objectives/dpo.py and objectives/reward.py.
+Each objective refuses the keys that only the other uses.
 """
 
 from __future__ import annotations
@@ -41,6 +46,12 @@ class PreferenceEntry(StrictModel):
     length_normalize: bool = False
     reference: str | None = None  # a model folder
     precompute_reference: bool = False
+    center_rewards: Number = Field(default=0.0, ge=0)  # reward only
+
+
+PAIR_OBJECTIVES = ("dpo", "reward")
+REWARD_KEYS = ("center_rewards",)
+DPO_KEYS = tuple(k for k in PreferenceEntry.model_fields if k not in REWARD_KEYS)
 
 
 def settings(spec: Any) -> PreferenceEntry:
@@ -67,12 +78,17 @@ def reference_folder(spec: Any) -> Path | None:
 def preference_issues(spec: Any, *, check_paths: bool = True) -> list[Issue]:
     """Problems of `objective: dpo` and `preference:` checkable without weights."""
     entry = spec.preference
-    if spec.objective != "dpo":
+    if spec.objective not in PAIR_OBJECTIVES:
         if entry is not None:
             return [("preference", f"{spec.objective} does not use preference settings", None)]
         return []
-    issues: list[Issue] = []
+    issues = _pair_data_issues(spec)
+    if spec.objective == "reward":
+        return issues + _reward_issues(spec, check_paths=check_paths)
     entry = settings(spec)
+    for key in REWARD_KEYS:
+        if key in entry.model_fields_set:
+            issues.append((f"preference.{key}", "applies to objective: reward only", "remove it"))
     if entry.loss not in LOSSES:
         hint = did_you_mean(entry.loss, LOSSES, "losses")
         issues.append(("preference.loss", f"unknown preference loss {entry.loss!r}", hint))
@@ -86,13 +102,56 @@ def preference_issues(spec: Any, *, check_paths: bool = True) -> list[Issue]:
                 "give reference: PATH",
             )
         )
-    if spec.replay is not None:
-        issues.append(("replay", "dpo trains on preference pairs only", "remove replay:"))
-    for i, data in enumerate(spec.data):
-        if data.bootstrap is not None:  # it resamples items, and a pair is two of them
-            issues.append((f"data.{i}.bootstrap", "not supported by dpo", "remove it"))
     if check_paths and entry.reference is not None:
         issues += _reference_folder_issues(Path(entry.reference))
+    return issues
+
+
+def _pair_data_issues(spec: Any) -> list[Issue]:
+    """What neither pair objective can train on."""
+    name = spec.objective
+    issues: list[Issue] = []
+    if spec.replay is not None:
+        issues.append(("replay", f"{name} trains on preference pairs only", "remove replay:"))
+    for i, data in enumerate(spec.data):
+        if data.bootstrap is not None:  # it resamples items, and a pair is two of them
+            issues.append((f"data.{i}.bootstrap", f"not supported by {name}", "remove it"))
+    return issues
+
+
+def _reward_issues(spec: Any, *, check_paths: bool) -> list[Issue]:
+    """`objective: reward`: no dpo keys, no adapter (not supported yet); a start model that is
+    already a reward model gives one score."""
+    issues: list[Issue] = []
+    entry = spec.preference
+    for key in DPO_KEYS:
+        if entry is not None and key in entry.model_fields_set:
+            message = "applies to objective: dpo only (a reward model has no reference or β)"
+            issues.append((f"preference.{key}", message, "remove it"))
+    if spec.adapter is not None:
+        issues.append(
+            (
+                "adapter",
+                "objective: reward trains the whole model (adapters are not supported yet)",
+                "remove adapter:",
+            )
+        )
+    config = Path(spec.model.path or "") / "config.json"
+    if check_paths and spec.model.path is not None and config.is_file():
+        try:
+            values = json.loads(config.read_text())
+        except (OSError, ValueError):
+            return issues  # the model checks report an unreadable config
+        architecture = str((values.get("architectures") or [""])[0])
+        labels = len(values.get("id2label") or {}) or int(values.get("num_labels", 1) or 1)
+        if architecture.endswith("ForSequenceClassification") and labels != 1:
+            issues.append(
+                (
+                    "model",
+                    f"{config}: a classifier of {labels} labels, not a reward model (one score)",
+                    "start from a causal LM or a reward model",
+                )
+            )
     return issues
 
 
