@@ -382,3 +382,8 @@ def test_the_shipped_example_plans_on_a_tiny_model(
     plan = dry_run(example, overrides=overrides)
     assert plan.row_kind == "pairs" and plan.objective.name == "reward"
     assert "reference weights" not in plan.memory_estimate()
+
+
+def test_help_names_the_objective(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["train", "--help"]) == 0
+    assert "reward (a Bradley-Terry reward model)" in " ".join(capsys.readouterr().out.split())

@@ -128,7 +128,9 @@ def train_command(
     ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
 ) -> None:
-    """Train a model as RECIPE says (objectives: causal_lm, sft, distill, dpo) and write it to OUT.
+    """Train a model as RECIPE says and write it to OUT.
+
+    Objectives: causal_lm, sft, distill, dpo, reward (a Bradley-Terry reward model).
 
     With `adapter:` (LoRA, DoRA, VeRA) OUT is a PEFT adapter folder, or with --merge the folded
     model. Works unchanged under `accelerate launch` (DDP, FSDP, DeepSpeed).

@@ -1,6 +1,6 @@
 """Training recipes: one strict YAML file says what to train, on what, how long and how.
 
-    objective: causal_lm            # causal_lm | sft | distill | dpo (alloy train --help lists)
+    objective: causal_lm            # causal_lm | sft | distill | dpo | reward (see --help)
     model: runs/lab/family/demo/small/base
     data:                           # one or more sources, mixed by weight (per sequence)
       - {name: fiction, corpus: fiction}            # a lab corpus domain (split: train)
@@ -160,7 +160,7 @@ class TrainRecipe(_Strict):
     schedule: dict[str, Any]
     optimizer: OptimizerEntry = Field(default_factory=OptimizerEntry)
     teacher: TeacherEntry | None = None
-    preference: PreferenceEntry | None = None  # dpo (preference.py)
+    preference: PreferenceEntry | None = None  # dpo, reward (preference.py)
     adapter: AdapterEntry | None = None
     averaging: dict[str, dict[str, Any]] | None = None
     eval: EvalEntry | None = None
