@@ -53,13 +53,34 @@ def strength_command(
     ],
     out: Annotated[Path, typer.Argument(metavar="OUT", help="Output folder.")],
     models: Annotated[
-        list[str],
+        list[str] | None,
         typer.Option(
             "--models",
             "-m",
             help="Reward models or causal LMs (folders, or BASE+ADAPTER): -m A B C.",
         ),
-    ],
+    ] = None,
+    train_k: Annotated[
+        int | None,
+        typer.Option(
+            "--train", help="Instead: train K reward models here, each scoring held-out pairs."
+        ),
+    ] = None,
+    recipe: Annotated[
+        Path | None,
+        typer.Option(
+            help="With --train: the alloy train recipe (objective: reward); data set here."
+        ),
+    ] = None,
+    held: Annotated[
+        int | None,
+        typer.Option(help="With --train: models that hold out each pair (default K // 2)."),
+    ] = None,
+    work: Annotated[
+        Path | None,
+        typer.Option(help="With --train: where the K runs live (default OUT.models; reused)."),
+    ] = None,
+    seed: Annotated[int, typer.Option(help="With --train: seeds the held-out assignment.")] = 0,
     band: Annotated[
         float, typer.Option(help="Flag width, in standard deviations of the models' scores.")
     ] = 1.0,
@@ -94,10 +115,18 @@ def strength_command(
     from alloy.prefs.run import run_strength, write_filtered
 
     problems = device_problems(device)
-    if not models:
-        problems.append(Problem("--models", "no model given", "give one or more: -m A B C"))
+    models = models or []
+    if not models and train_k is None:
+        hint = "give reward models (-m A B C), or --train K --recipe RECIPE"
+        problems.append(Problem("--models", "no model given", hint))
+    if models and train_k is not None:
+        problems.append(Problem("--models/--train", "give one of them", "scored or trained here"))
     for model in models:
         problems += weight_problems(Path(model), allow_pickle)
+    if train_k is not None:
+        problems += _train_problems(train_k, recipe, held, data)
+    elif recipe is not None or held is not None or work is not None:
+        problems.append(Problem("--recipe/--held/--work", "only act with --train K"))
     if band < 0:
         problems.append(Problem("--band", f"must be >= 0, got {band}"))
     if batch_size <= 0:
@@ -134,9 +163,20 @@ def strength_command(
     def load(model: str) -> Any:
         return load_scorer(model, device=device or "cpu", allow_pickle=allow_pickle)
 
+    scored = None
+    if train_k is not None:
+        from alloy.prefs.bagging import default_work, train_bagged
+        from alloy.prefs.run import data_records
+        from alloy.prefs.strength import holdout_assignment
+
+        assert recipe is not None
+        records = [record for _, record in data_records(data)]
+        mask = holdout_assignment(len(records), train_k, held or train_k // 2, seed)
+        folders = train_bagged(records, mask, recipe, work or default_work(out), say=say)
+        models, scored = [str(f) for f in folders], mask
     result, info = run_strength(
-        data, items, models, out, load=load, band=band, standardized=standardize,
-        batch_size=batch_size, force=force, say=say,
+        data, items, models, out, load=load, scored=scored, band=band,
+        standardized=standardize, batch_size=batch_size, force=force, say=say,
     )  # fmt: skip
     flags = info["flags"]
     typer.echo(
@@ -155,6 +195,23 @@ def strength_command(
             f"{counts['written']} pairs written to {filter_out} ({counts['kept']} kept, "
             f"{counts['flipped']} flipped, {counts['dropped']} dropped)"
         )
+
+
+def _train_problems(k: int, recipe: Path | None, held: int | None, data: Path) -> list[Problem]:
+    from alloy.prefs.bagging import check_recipe
+
+    problems = []
+    if k < 2:
+        problems.append(Problem("--train", f"needs at least 2 models, got {k}", "e.g. --train 4"))
+    elif held is not None and not 1 <= held < k:
+        problems.append(Problem("--held", f"must be in [1, {k}), got {held}"))
+    if recipe is None:
+        problems.append(Problem("--recipe", "--train needs a recipe", "objective: reward"))
+    elif not recipe.is_file():
+        problems.append(Problem("--recipe", f"{recipe}: no such file"))
+    else:
+        problems += check_recipe(recipe, data)
+    return problems
 
 
 def _action(value: str) -> Literal["keep", "drop", "flip"]:
