@@ -287,6 +287,45 @@ def test_a_reward_model_folder_trains_on(
     assert torch.equal(load_student(plan).score.weight, saved)
 
 
+def test_lora_trains_the_body_adapter_and_the_whole_head(
+    tiny_llama: Path, prefs: dict[str, Path], tmp_path: Path
+) -> None:
+    """adapter: LoRA on the body, the score head trained in full (PEFT's SEQ_CLS task keeps it
+    in modules_to_save). --merge writes a reward model transformers loads; the adapter folder,
+    on the base loaded as a one-score classifier, gives the same rewards."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForSequenceClassification
+
+    recipe = _recipe(
+        tiny_llama,
+        prefs["train"],
+        max_steps=16,
+        adapter={"type": "lora", "rank": 4, "alpha": 8},
+        schedule={"name": "constant", "lr": 3e-2},
+    )
+    path = _write(tmp_path / "r.yaml", recipe)
+    assert main(["train", "-q", str(path), str(tmp_path / "adapter")]) == 0
+    assert main(["train", "-q", str(path), str(tmp_path / "merged"), "--merge"]) == 0
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["task_type"] == "SEQ_CLS" and "score" in config["modules_to_save"]
+    saved = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    assert any("score" in name for name in saved) and any("lora_A" in name for name in saved)
+    merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
+    assert merged.num_labels == 1 and merged.config.pad_token_id is not None
+    base = AutoModelForSequenceClassification.from_pretrained(
+        tiny_llama, num_labels=1, pad_token_id=merged.config.pad_token_id
+    )
+    adapted = PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()
+    ids = torch.tensor([[1, 5, 9, 13, 2, 7]])
+    with torch.no_grad():
+        a, b = merged(input_ids=ids).logits, adapted(input_ids=ids).logits
+    torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    rows = _metrics(tmp_path / "merged")
+    assert np.mean([r["loss"] for r in rows[-4:]]) < rows[0]["loss"]
+    assert _accuracy(tmp_path / "merged", prefs["held"], tmp_path) > 0.6
+
+
 # ---- refusals ---------------------------------------------------------------------------------
 
 
@@ -329,14 +368,12 @@ def test_recipe_problems_exit_2_before_loading(
         tiny_llama,
         prefs["train"],
         preference={"beta": 0.2, "reference": data},
-        adapter={"type": "lora"},
     )
     recipe["data"] = [{"path": data, "bootstrap": 1}]
     assert main(["train", str(_write(tmp_path / "c.yaml", recipe)), str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert "preference.beta: applies to objective: dpo only" in err
     assert "preference.reference: applies to objective: dpo only" in err
-    assert "adapter: objective: reward trains the whole model" in err
     assert "data.0.bootstrap: not supported by reward" in err
     recipe = _recipe(tiny_llama, prefs["train"], objective="dpo", preference={"center_rewards": 1})
     assert main(["validate", str(_write(tmp_path / "d.yaml", recipe))]) == 2

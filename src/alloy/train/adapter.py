@@ -25,7 +25,6 @@ import re
 import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field
@@ -211,16 +210,22 @@ class GaLorePlan:
         return 4.0 * (2 * (params - projected) + low)
 
 
-def meta_model(config: Any) -> Any:
-    """The causal LM of `config`, built on the meta device (no memory, no weights)."""
+def meta_model(config: Any, *, reward: bool = False) -> Any:
+    """The causal LM of `config` (with `reward`, its one-score sequence classifier), built on
+    the meta device (no memory, no weights)."""
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     with torch.device("meta"):
+        if reward:
+            from alloy.train.objectives.reward import reward_config
+
+            pad = config.pad_token_id if config.pad_token_id is not None else 0
+            return AutoModelForSequenceClassification.from_config(reward_config(config, pad))
         return AutoModelForCausalLM.from_config(config)
 
 
-def plan_adapter(entry: AdapterEntry, config: Any) -> AdapterPlan:
+def plan_adapter(entry: AdapterEntry, config: Any, *, reward: bool = False) -> AdapterPlan:
     """Resolve the adapter's modules on the meta model and attach it there.
 
     Raises:
@@ -228,10 +233,12 @@ def plan_adapter(entry: AdapterEntry, config: Any) -> AdapterPlan:
             module that is not a layer the adapter type supports, a rank above a targeted
             matrix's smaller side, or anything else PEFT refuses.
     """
-    model = meta_model(config)
+    model = meta_model(config, reward=reward)
     modules = dict(model.named_modules())
     problems: list[Problem] = []
     saved = _modules_to_save(entry, modules, problems)
+    if reward:  # PEFT's SEQ_CLS task trains the head in full, and adapts nothing in it
+        saved += [h for h in ("classifier", "score") if h in modules and h not in saved]
     matched = _adapter_targets(entry, model, saved, problems)
     kinds, described = _layer_types(entry.type)
     unfit = [n for n in matched if not isinstance(modules[n], kinds)]
@@ -261,7 +268,7 @@ def plan_adapter(entry: AdapterEntry, config: Any) -> AdapterPlan:
         raise InputError("the adapter does not fit the model", problems)
     try:
         with _peft() as peft:
-            wrapped = peft.get_peft_model(model, peft_config(entry))
+            wrapped = peft.get_peft_model(model, peft_config(entry, reward=reward))
     except (ValueError, TypeError, KeyError, RuntimeError) as error:
         raise InputError(
             "the adapter does not fit the model", [Problem("adapter", str(error).splitlines()[0])]
@@ -430,8 +437,10 @@ def plan_galore(optimizer: Any, config: Any) -> GaLorePlan:
 # ---- training and writing ---------------------------------------------------------------------
 
 
-def peft_config(entry: AdapterEntry) -> Any:
-    """The PEFT config of an `adapter:` entry (LoraConfig or VeraConfig, causal LM task)."""
+def peft_config(entry: AdapterEntry, *, reward: bool = False) -> Any:
+    """The PEFT config of an `adapter:` entry (LoraConfig or VeraConfig): a causal LM task, or
+    with `reward` sequence classification (PEFT then trains and saves the `score` head in full,
+    as a module to save)."""
     quiet_imports()
     import peft
 
@@ -442,7 +451,7 @@ def peft_config(entry: AdapterEntry) -> Any:
         "r": entry.rank,
         "target_modules": targets,
         "modules_to_save": list(entry.modules_to_save) or None,
-        "task_type": "CAUSAL_LM",
+        "task_type": "SEQ_CLS" if reward else "CAUSAL_LM",
     }
     if entry.type == "vera":
         vera = entry.vera or VeraEntry()
@@ -465,8 +474,12 @@ def peft_config(entry: AdapterEntry) -> Any:
 def wrap_model(model: Any, entry: AdapterEntry, base: str) -> Any:
     """`model` with the adapter attached (PEFT's get_peft_model): only the adapter (and
     modules_to_save) train. `base` is recorded as the adapter's base_model_name_or_path."""
+    from alloy.train.objectives.reward import is_reward_config
+
     with _peft() as peft:
-        wrapped = peft.get_peft_model(model, peft_config(entry))
+        wrapped = peft.get_peft_model(
+            model, peft_config(entry, reward=is_reward_config(model.config))
+        )
     for config in wrapped.peft_config.values():
         config.base_model_name_or_path = base
     return wrapped
@@ -476,17 +489,3 @@ def parameter_counts(model: Any) -> tuple[int, int]:
     """(trainable, all) parameters of a model, each tensor counted once."""
     params = list(model.parameters())
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
-
-
-def fold_adapter(adapter: Path, out: Path, *, base: str | Path) -> None:
-    """Write `base` with the adapter folder `adapter` folded in (PEFT's merge_and_unload) as a
-    plain Hugging Face model folder in `out` (float32; the caller casts)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from alloy.eval.scorer import load_pretrained
-
-    model = load_pretrained(Path(base), AutoModelForCausalLM, "model", dtype=torch.float32)
-    with _peft() as peft:
-        merged = peft.PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
-    merged.save_pretrained(out)

@@ -69,7 +69,7 @@ def write_outputs(
 
     With an adapter the staged folder is the adapter; `merge` folds it (and each average) into
     the start model, read again from disk, so it works whatever sharded the training."""
-    from alloy.train.adapter import ADAPTER_WEIGHTS, fold_adapter
+    from alloy.train.adapter import ADAPTER_WEIGHTS
     from alloy.train.run import summary_json, write_json
 
     base = plan.recipe.spec.model.path if plan.recipe.spec.adapter is not None else None
@@ -91,7 +91,7 @@ def write_outputs(
     def place(folder: Path, dest: Path) -> None:
         """Move a saved model (or fold a saved adapter) into `dest`, with the tokenizer."""
         if base is not None and merge:
-            fold_adapter(folder, dest, base=base)
+            fold_adapter(folder, dest, base=base, pad_id=plan.tokenizer.pad_token_id)
         else:
             dest.mkdir(exist_ok=True)
             for path in folder.iterdir():
@@ -254,3 +254,37 @@ def plot_schedule(schedule: Any, steps: int, path: Path, title: str = "") -> boo
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
+
+
+def fold_adapter(adapter: Path, out: Path, *, base: str | Path, pad_id: int | None = None) -> None:
+    """Write `base` with the adapter folder `adapter` folded in (PEFT's merge_and_unload) as a
+    plain Hugging Face model folder in `out` (float32; the caller casts). A sequence
+    classification adapter (a reward model's) is folded into `base` as a one-score classifier
+    padded with `pad_id`, its trained `score` head taken from the adapter."""
+    import json
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from alloy.eval.scorer import load_pretrained
+
+    task = json.loads((adapter / "adapter_config.json").read_text()).get("task_type")
+    if task == "SEQ_CLS":
+        from alloy.train.objectives.reward import reward_config
+
+        config = load_pretrained(Path(base), AutoConfig)
+        config = reward_config(config, pad_id if pad_id is not None else config.pad_token_id)
+        model = load_pretrained(
+            Path(base),
+            AutoModelForSequenceClassification,
+            "model",
+            config=config,
+            dtype=torch.float32,
+        )
+    else:
+        model = load_pretrained(Path(base), AutoModelForCausalLM, "model", dtype=torch.float32)
+    from alloy.train.adapter import _peft
+
+    with _peft() as peft:
+        merged = peft.PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+    merged.save_pretrained(out)

@@ -228,7 +228,10 @@ def plan_training(
     world = world or world_size()
     micro, accumulation = split_batch(spec, world)
     config, tokenizer = load_config_and_tokenizer(recipe)
-    adapter = plan_adapter(spec.adapter, config) if spec.adapter is not None else None
+    reward = spec.objective == "reward"
+    adapter = (
+        plan_adapter(spec.adapter, config, reward=reward) if spec.adapter is not None else None
+    )
     galore = (
         plan_galore(spec.optimizer, config) if spec.optimizer.name in GALORE_OPTIMIZERS else None
     )

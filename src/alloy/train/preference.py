@@ -120,22 +120,14 @@ def _pair_data_issues(spec: Any) -> list[Issue]:
 
 
 def _reward_issues(spec: Any, *, check_paths: bool) -> list[Issue]:
-    """`objective: reward`: no dpo keys, no adapter (not supported yet); a start model that is
-    already a reward model gives one score."""
+    """`objective: reward`: no dpo keys; a start model that is already a reward model gives
+    one score."""
     issues: list[Issue] = []
     entry = spec.preference
     for key in DPO_KEYS:
         if entry is not None and key in entry.model_fields_set:
             message = "applies to objective: dpo only (a reward model has no reference or β)"
             issues.append((f"preference.{key}", message, "remove it"))
-    if spec.adapter is not None:
-        issues.append(
-            (
-                "adapter",
-                "objective: reward trains the whole model (adapters are not supported yet)",
-                "remove adapter:",
-            )
-        )
     config = Path(spec.model.path or "") / "config.json"
     if check_paths and spec.model.path is not None and config.is_file():
         try:

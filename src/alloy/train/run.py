@@ -288,10 +288,8 @@ def load_student(plan: TrainPlan) -> Any:
     from alloy.eval.scorer import load_pretrained
 
     model = plan.recipe.spec.model
-    if plan.recipe.spec.objective == "reward":
-        from alloy.train.objectives.reward import load_reward_model
-
-        return load_reward_model(model, plan.config, plan.tokenizer, seed=plan.recipe.spec.seed)
+    if plan.objective.load_model is not None:  # e.g. reward's sequence classifier
+        return plan.objective.load_model(plan)
     torch.manual_seed(plan.recipe.spec.seed)
     if model.path is not None:
         return load_pretrained(Path(model.path), AutoModelForCausalLM, "model", dtype=torch.float32)

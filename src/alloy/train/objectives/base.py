@@ -55,20 +55,30 @@ class ObjectiveSpec:
     rows: RowKind  # blocks: packed text; examples: prompt/completion or messages; either
     needs_teacher: bool
     build: Callable[[ObjectiveContext], Objective]
+    # the model to train, from the TrainPlan; None: the recipe's causal LM
+    load_model: Callable[[Any], Any] | None = None
 
 
 OBJECTIVES: dict[str, ObjectiveSpec] = {}
 
 
 def objective(
-    name: str, *, summary: str, reference: str, rows: RowKind, needs_teacher: bool = False
+    name: str,
+    *,
+    summary: str,
+    reference: str,
+    rows: RowKind,
+    needs_teacher: bool = False,
+    load_model: Callable[[Any], Any] | None = None,
 ) -> Callable[[Callable[[ObjectiveContext], Objective]], Callable[[ObjectiveContext], Objective]]:
     def register(
         build: Callable[[ObjectiveContext], Objective],
     ) -> Callable[[ObjectiveContext], Objective]:
         if name in OBJECTIVES:
             raise ValueError(f"objective {name!r} is registered twice")
-        OBJECTIVES[name] = ObjectiveSpec(name, summary, reference, rows, needs_teacher, build)
+        OBJECTIVES[name] = ObjectiveSpec(
+            name, summary, reference, rows, needs_teacher, build, load_model
+        )
         return build
 
     return register

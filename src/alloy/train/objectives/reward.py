@@ -112,11 +112,18 @@ def load_reward_model(model: Any, config: Any, tokenizer: Any, *, seed: int) -> 
     return reward
 
 
+def plan_reward_model(plan: Any) -> Any:
+    """The reward model of a TrainPlan (see load_reward_model)."""
+    spec = plan.recipe.spec
+    return load_reward_model(spec.model, plan.config, plan.tokenizer, seed=spec.seed)
+
+
 @objective(
     "reward",
     summary="a Bradley-Terry reward model (sequence classifier) on chosen/rejected pairs",
     reference="https://arxiv.org/abs/2203.02155",
     rows="pairs",
+    load_model=plan_reward_model,
 )
 def build_reward(context: ObjectiveContext) -> Objective:
     from alloy.train.preference import settings
