@@ -326,6 +326,31 @@ def test_lora_trains_the_body_adapter_and_the_whole_head(
     assert _accuracy(tmp_path / "merged", prefs["held"], tmp_path) > 0.6
 
 
+def test_two_processes_match_one(
+    tiny_llama: Path, prefs: dict[str, Path], tmp_path: Path
+) -> None:
+    """`accelerate launch` over two CPU processes (gloo, DDP): one process's losses and metrics
+    (the reward model behind DDP's wrapper, margins in the batch)."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("accelerate")
+    data = _pairs(tmp_path / "m.jsonl", 32, 3, margin=True)
+    path = _write(tmp_path / "r.yaml", _recipe(tiny_llama, data, device="cpu"))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env.pop("WORLD_SIZE", None)
+    alloy = ["-m", "alloy", "train", "-q", str(path)]
+    subprocess.run([sys.executable, *alloy, str(tmp_path / "one")], check=True, env=env)
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu"]
+    launch += ["--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no"]
+    launch += ["--dynamo_backend", "no", *alloy, str(tmp_path / "two")]
+    subprocess.run(launch, check=True, env=env, capture_output=True)
+    one, two = _metrics(tmp_path / "one"), _metrics(tmp_path / "two")
+    for key in ("loss", "rewards/margin", "rewards/accuracy"):
+        assert [r[key] for r in one] == pytest.approx([r[key] for r in two], abs=1e-5), key
+
+
 # ---- refusals ---------------------------------------------------------------------------------
 
 
