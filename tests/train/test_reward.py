@@ -326,9 +326,7 @@ def test_lora_trains_the_body_adapter_and_the_whole_head(
     assert _accuracy(tmp_path / "merged", prefs["held"], tmp_path) > 0.6
 
 
-def test_two_processes_match_one(
-    tiny_llama: Path, prefs: dict[str, Path], tmp_path: Path
-) -> None:
+def test_two_processes_match_one(tiny_llama: Path, prefs: dict[str, Path], tmp_path: Path) -> None:
     """`accelerate launch` over two CPU processes (gloo, DDP): one process's losses and metrics
     (the reward model behind DDP's wrapper, margins in the batch)."""
     import os
