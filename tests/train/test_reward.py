@@ -150,6 +150,25 @@ def test_pairs_are_scored_in_one_batch_with_their_margins(tiny_llama: Path, tmp_
     assert parts.count.item() == 6
 
 
+def test_margins_survive_the_token_cache(tiny_llama: Path, tmp_path: Path) -> None:
+    """The second plan reads the pairs from the token cache, margins included; a cache entry of
+    pairs written without margins (before they were kept) is tokenised again, not read as 0."""
+    from alloy.train.data import cache_root
+
+    data = _pairs(tmp_path / "m.jsonl", 6, 4, margin=True)
+    recipe = _recipe(tiny_llama, data, batch_size=6)
+    first = plan_training(load_train_recipe(recipe))
+    second = plan_training(load_train_recipe(recipe))
+    assert not first.sources[0].cached and second.sources[0].cached
+    margins = [second.rows[i]["margin"] for i in range(6)]
+    assert margins == [first.rows[i]["margin"] for i in range(6)] and max(margins) == 2.0
+    for entry in (cache_root() / "tokens").glob("*/margins.npy"):
+        entry.unlink()  # as an entry written before margins were kept
+    third = plan_training(load_train_recipe(recipe))
+    assert not third.sources[0].cached
+    assert [third.rows[i]["margin"] for i in range(6)] == margins
+
+
 def test_cli_run_lowers_the_loss_and_the_output_is_a_reward_model(
     tiny_llama: Path, prefs: dict[str, Path], tmp_path: Path
 ) -> None:

@@ -220,15 +220,20 @@ def plot_curves(rows: list[dict[str, Any]], evals: list[dict[str, Any]], path: P
     axes[1].set_xlabel("step")
     axes[1].set_ylabel("learning rate")
     if evals:
+        # text sets' perplexity; with preference or choice sets only, their accuracy
+        text = any(e.get("perplexity") is not None for e in evals)
+        metric = "perplexity" if text else "accuracy"
         for name in dict.fromkeys(e["set"] for e in evals):
-            points = [(e["step"], e.get("perplexity")) for e in evals if e["set"] == name]
+            points = [(e["step"], e.get(metric)) for e in evals if e["set"] == name]
             points = [(s, v) for s, v in points if v is not None]
             if points:
                 axes[2].plot(*zip(*points, strict=True), marker="o", ms=3, label=name, lw=1)
         axes[2].set_xlabel("step")
-        axes[2].set_ylabel("eval perplexity")
-        axes[2].set_yscale("log")
-        axes[2].legend(fontsize=7)
+        axes[2].set_ylabel(f"eval {metric}")
+        if text:
+            axes[2].set_yscale("log")
+        if axes[2].lines:
+            axes[2].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
