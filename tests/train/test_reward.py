@@ -460,7 +460,9 @@ def test_the_shipped_example_plans_on_a_tiny_model(
     }
     plan = dry_run(example, overrides=overrides)
     assert plan.row_kind == "pairs" and plan.objective.name == "reward"
-    assert "reference weights" not in plan.memory_estimate()
+    memory = plan.memory_estimate()
+    assert "reference weights" not in memory  # no reference model
+    assert memory["logits"] == 3 * 4.0 * (4 * 32 * 2)  # one score per position of 2 x micro rows
 
 
 def test_help_names_the_objective(capsys: pytest.CaptureFixture[str]) -> None:

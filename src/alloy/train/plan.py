@@ -108,7 +108,8 @@ class TrainPlan:
             # about 34 bytes per token, layer and hidden unit for a transformer block kept for
             # backward in fp32 (Korthikanti et al. 2022, without recomputation), halved for bf16
             "activations": 34.0 * tokens * hidden * layers / (2 if self.precision_half else 1),
-            "logits": 3 * 4.0 * tokens * vocab,
+            # a reward model scores one value per position, not the vocabulary
+            "logits": 3 * 4.0 * tokens * (1 if self.objective.name == "reward" else vocab),
         }
         if self.row_kind == "pairs":
             from alloy.train.preference import reference_folder, settings
