@@ -166,7 +166,7 @@ def section_strength(p: dict[str, Any]) -> str:
     lines = [
         "## Preference strength: finding flipped labels with an out-of-bag reward ensemble",
         "",
-        *_header(p),
+        *_header(p, ""),
         f"The quiz's {p['train_pairs']:,} train pairs (the split of the DPO section) with "
         f"{p['flip_share']:.0%} of their labels flipped on purpose (seeded). `alloy prefs strength "
         f"--train {p['ensemble']}` trains {p['ensemble']} SmolLM2-135M reward models "
@@ -189,6 +189,17 @@ def section_strength(p: dict[str, Any]) -> str:
     for name, cell in cells.items():
         lines.append(f"| {name} | {cell['pairs']:,} | {cell['test_accuracy']:.3f} |")
     acc = {name: cell["test_accuracy"] for name, cell in cells.items()}
+    noise = 2 * (0.25 / p["test_pairs"]) ** 0.5  # two standard errors of a coin at chance
+    if abs(acc["true labels"] - 0.5) < noise:
+        lines += [
+            "",
+            f"Seen: at this budget the reward models did not learn the task: even the one "
+            f"trained on the true labels scores {acc['true labels']:.3f}, within two standard "
+            f"errors ({noise:.3f}) of chance, and the ensemble's detection AUROC is "
+            f"{d['auroc']:.3f}. The differences between the rows are noise; the claim that "
+            "cleaning low-strength pairs helps is not tested by this run.",
+        ]
+        return "\n".join(lines)
     noisy = acc["noisy (20% flipped)"]
     better = [n for n in acc if n.startswith("noisy,") and acc[n] > noisy]
     lines += [
