@@ -1,12 +1,29 @@
-"""Small real data sets for the training tests, written once per session."""
+"""Small real data sets for the training tests, written once per session, and the helpers the
+test files share (a recipe written as YAML, a run's metrics read back)."""
 
 from __future__ import annotations
 
+import csv
 import json
 import random
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
+
+
+def write_recipe(path: Path, recipe: dict[str, Any]) -> Path:
+    """`recipe` as a YAML file at `path` (keys in the order given)."""
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+def metric_rows(out: Path) -> list[dict[str, float]]:
+    """Every row of a run's training/metrics.csv, blank cells left out, values as floats."""
+    with (out / "training" / "metrics.csv").open() as f:
+        return [{k: float(v) for k, v in row.items() if v} for row in csv.DictReader(f)]
+
 
 WORDS = [
     "the",

@@ -4,7 +4,6 @@ the reference in each of its forms, precomputed against live, resume, bad data a
 from __future__ import annotations
 
 import copy
-import csv
 import json
 import math
 import random
@@ -14,7 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-import yaml
+from tests.train.conftest import metric_rows, write_recipe
 
 from alloy.cli.main import main
 from alloy.train import load_train_recipe, train
@@ -57,24 +56,14 @@ def _recipe(tiny_llama: Path, data: Path, **changes: Any) -> dict[str, Any]:
     return recipe
 
 
-def _write(path: Path, recipe: dict[str, Any]) -> Path:
-    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
-    return path
-
-
-def _metrics(out: Path) -> list[dict[str, float]]:
-    with (out / "training" / "metrics.csv").open() as f:
-        return [{k: float(v) for k, v in row.items() if v} for row in csv.DictReader(f)]
-
-
 def test_cli_lowers_the_loss_and_raises_the_preference_accuracy(
     tiny_llama: Path, prefs: Path, tmp_path: Path
 ) -> None:
     """Step 1 scores the policy against itself: loss exactly log 2, every reward 0. After 24
     steps the policy prefers the right sums more than the reference does."""
-    recipe = _write(tmp_path / "r.yaml", _recipe(tiny_llama, prefs, max_steps=24))
+    recipe = write_recipe(tmp_path / "r.yaml", _recipe(tiny_llama, prefs, max_steps=24))
     assert main(["train", "-q", str(recipe), str(tmp_path / "out")]) == 0
-    rows = _metrics(tmp_path / "out")
+    rows = metric_rows(tmp_path / "out")
     assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert rows[0]["rewards/margin"] == rows[0]["rewards/accuracy"] == 0.0
     last = rows[-6:]
@@ -265,7 +254,7 @@ def test_bad_rows_exit_2_naming_file_and_line(
         {"prompt": "x", "chosen": [{"role": "assistant", "content": "a"}], "rejected": []},
     ]
     data.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
-    recipe = _write(tmp_path / "r.yaml", _recipe(tiny_llama, data))
+    recipe = write_recipe(tmp_path / "r.yaml", _recipe(tiny_llama, data))
     assert main(["train", str(recipe), str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert f"{data}:2: missing rejected" in err
@@ -283,20 +272,20 @@ def test_recipe_typos_exit_2_with_did_you_mean(
         prefs,
         preference={"beta": 0.1, "loss": "sigmod", "reference": str(tmp_path / "nowhere")},
     )
-    assert main(["train", str(_write(tmp_path / "a.yaml", recipe)), str(tmp_path / "o")]) == 2
+    assert main(["train", str(write_recipe(tmp_path / "a.yaml", recipe)), str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert "preference.loss: unknown preference loss 'sigmod' (did you mean 'sigmoid'?" in err
     assert "preference.reference:" in err and "no config.json" in err  # both at once
     recipe = _recipe(tiny_llama, prefs, preference={"label_smothing": 0.1, "beta": 0})
-    assert main(["train", str(_write(tmp_path / "b.yaml", recipe)), str(tmp_path / "o")]) == 2
+    assert main(["train", str(write_recipe(tmp_path / "b.yaml", recipe)), str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert "did you mean 'label_smoothing'?" in err and "preference.beta" in err
     recipe = _recipe(tiny_llama, prefs, preference={"label_smoothing": 0.5})
-    assert main(["validate", str(_write(tmp_path / "c.yaml", recipe))]) == 2
+    assert main(["validate", str(write_recipe(tmp_path / "c.yaml", recipe))]) == 2
     assert "preference.label_smoothing: Input should be less than 0.5" in capsys.readouterr().err
     recipe = _recipe(tiny_llama, prefs, preference={"loss": "ipo", "label_smoothing": 0.1})
     recipe["data"] = [{"path": str(prefs), "bootstrap": 1}]
-    assert main(["validate", str(_write(tmp_path / "d.yaml", recipe))]) == 2
+    assert main(["validate", str(write_recipe(tmp_path / "d.yaml", recipe))]) == 2
     err = capsys.readouterr().err
     assert "preference.label_smoothing: applies to loss: sigmoid only" in err
     assert "data.0.bootstrap: not supported by dpo" in err
@@ -310,10 +299,10 @@ def test_objectives_refuse_each_others_data(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     recipe = _recipe(tiny_llama, data_dir / "sft.jsonl")
-    assert main(["train", str(_write(tmp_path / "a.yaml", recipe)), str(tmp_path / "o")]) == 2
+    assert main(["train", str(write_recipe(tmp_path / "a.yaml", recipe)), str(tmp_path / "o")]) == 2
     assert "records that are not preference pairs" in capsys.readouterr().err
     recipe = _recipe(tiny_llama, prefs, objective="sft", preference=None)
-    assert main(["train", str(_write(tmp_path / "b.yaml", recipe)), str(tmp_path / "o")]) == 2
+    assert main(["train", str(write_recipe(tmp_path / "b.yaml", recipe)), str(tmp_path / "o")]) == 2
     assert "objective: dpo" in capsys.readouterr().err
 
 
@@ -394,7 +383,7 @@ def test_a_reference_with_another_tokenizer_is_refused_before_loading(
     tokenizer.add_tokens(["<extra>"])
     tokenizer.save_pretrained(tmp_path / "ref")
     recipe = _recipe(tiny_llama, prefs, preference={"reference": str(tmp_path / "ref")})
-    assert main(["train", str(_write(tmp_path / "r.yaml", recipe)), str(tmp_path / "o")]) == 2
+    assert main(["train", str(write_recipe(tmp_path / "r.yaml", recipe)), str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert "the reference does not share the policy's tokenizer" in err
     assert "preference.reference" in err
@@ -428,7 +417,7 @@ def test_two_processes_match_one(
     recipe = _recipe(tiny_llama, prefs, preference=preference, device="cpu")
     if not precompute:
         recipe["adapter"] = {"rank": 4, "target_modules": ["q_proj", "v_proj"]}
-    path = _write(tmp_path / "r.yaml", recipe)
+    path = write_recipe(tmp_path / "r.yaml", recipe)
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     env.pop("WORLD_SIZE", None)
     alloy = ["-m", "alloy", "train", "-q", str(path)]
@@ -437,7 +426,7 @@ def test_two_processes_match_one(
     launch += ["--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no"]
     launch += ["--dynamo_backend", "no", *alloy, str(tmp_path / "two")]
     subprocess.run(launch, check=True, env=env, capture_output=True)
-    one, two = _metrics(tmp_path / "one"), _metrics(tmp_path / "two")
+    one, two = metric_rows(tmp_path / "one"), metric_rows(tmp_path / "two")
     for key in ("loss", "rewards/margin", "rewards/accuracy"):
         assert [r[key] for r in one] == pytest.approx([r[key] for r in two], abs=1e-5), key
     summary = json.loads((tmp_path / "two" / "training" / "summary.json").read_text())

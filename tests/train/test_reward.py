@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-import yaml
+from tests.train.conftest import metric_rows, write_recipe
 
 from alloy.cli.main import main
 from alloy.train import load_train_recipe, train
@@ -66,16 +66,6 @@ def _recipe(tiny_llama: Path, data: Path, **changes: Any) -> dict[str, Any]:
     }
     recipe.update(changes)
     return recipe
-
-
-def _write(path: Path, recipe: dict[str, Any]) -> Path:
-    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
-    return path
-
-
-def _metrics(out: Path) -> list[dict[str, float]]:
-    with (out / "training" / "metrics.csv").open() as f:
-        return [{k: float(v) for k, v in row.items() if v} for row in csv.DictReader(f)]
 
 
 def _accuracy(model: Path, data: Path, tmp_path: Path) -> float:
@@ -183,10 +173,10 @@ def test_cli_run_lowers_the_loss_and_the_output_is_a_reward_model(
 
     out = tmp_path / "rm"
     recipe = _recipe(tiny_llama, prefs["train"], max_steps=24, eval={"data": [str(prefs["held"])]})
-    assert main(["train", "-q", str(_write(tmp_path / "r.yaml", recipe)), str(out)]) == 0
+    assert main(["train", "-q", str(write_recipe(tmp_path / "r.yaml", recipe)), str(out)]) == 0
     with (out / "training" / "eval.csv").open() as f:
         evals = [float(row["accuracy"]) for row in csv.DictReader(f)]
-    rows = _metrics(out)
+    rows = metric_rows(out)
     assert rows[0]["loss"] == pytest.approx(math.log(2), abs=0.1)  # a fresh head: rewards ~ 0
     last = rows[-6:]
     assert np.mean([r["loss"] for r in last]) < math.log(2) - 0.3
@@ -241,7 +231,10 @@ def test_warm_soup_of_two_seeds_loads_and_scores(
     for seed in (0, 1):
         out = tmp_path / f"rm{seed}"
         recipe = _recipe(tiny_llama, prefs["train"], max_steps=16, seed=seed)
-        assert main(["train", "-q", str(_write(tmp_path / f"{seed}.yaml", recipe)), str(out)]) == 0
+        assert (
+            main(["train", "-q", str(write_recipe(tmp_path / f"{seed}.yaml", recipe)), str(out)])
+            == 0
+        )
         outs.append(out)
     soup = tmp_path / "warm"
     command = ["soup", "-c", *map(str, outs), "--eval", str(prefs["held"]), "--method", "uniform"]
@@ -323,7 +316,7 @@ def test_lora_trains_the_body_adapter_and_the_whole_head(
         adapter={"type": "lora", "rank": 4, "alpha": 8},
         schedule={"name": "constant", "lr": 3e-2},
     )
-    path = _write(tmp_path / "r.yaml", recipe)
+    path = write_recipe(tmp_path / "r.yaml", recipe)
     assert main(["train", "-q", str(path), str(tmp_path / "adapter")]) == 0
     assert main(["train", "-q", str(path), str(tmp_path / "merged"), "--merge"]) == 0
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
@@ -340,7 +333,7 @@ def test_lora_trains_the_body_adapter_and_the_whole_head(
     with torch.no_grad():
         a, b = merged(input_ids=ids).logits, adapted(input_ids=ids).logits
     torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
-    rows = _metrics(tmp_path / "merged")
+    rows = metric_rows(tmp_path / "merged")
     assert np.mean([r["loss"] for r in rows[-4:]]) < rows[0]["loss"]
     assert _accuracy(tmp_path / "merged", prefs["held"], tmp_path) > 0.6
 
@@ -354,7 +347,7 @@ def test_two_processes_match_one(tiny_llama: Path, prefs: dict[str, Path], tmp_p
 
     pytest.importorskip("accelerate")
     data = _pairs(tmp_path / "m.jsonl", 32, 3, margin=True)
-    path = _write(tmp_path / "r.yaml", _recipe(tiny_llama, data, device="cpu"))
+    path = write_recipe(tmp_path / "r.yaml", _recipe(tiny_llama, data, device="cpu"))
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     env.pop("WORLD_SIZE", None)
     alloy = ["-m", "alloy", "train", "-q", str(path)]
@@ -363,7 +356,7 @@ def test_two_processes_match_one(tiny_llama: Path, prefs: dict[str, Path], tmp_p
     launch += ["--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no"]
     launch += ["--dynamo_backend", "no", *alloy, str(tmp_path / "two")]
     subprocess.run(launch, check=True, env=env, capture_output=True)
-    one, two = _metrics(tmp_path / "one"), _metrics(tmp_path / "two")
+    one, two = metric_rows(tmp_path / "one"), metric_rows(tmp_path / "two")
     for key in ("loss", "rewards/margin", "rewards/accuracy"):
         assert [r[key] for r in one] == pytest.approx([r[key] for r in two], abs=1e-5), key
 
@@ -382,7 +375,7 @@ def test_bad_rows_exit_2_naming_file_and_line(
         {"prompt": "a", "chosen": "b", "rejected": "c", "margin": True},
     ]
     data.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
-    recipe = _write(tmp_path / "r.yaml", _recipe(tiny_llama, data))
+    recipe = write_recipe(tmp_path / "r.yaml", _recipe(tiny_llama, data))
     assert main(["train", str(recipe), str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert f"{data}:2: margin must be a finite number, not 'big'" in err
@@ -396,13 +389,13 @@ def test_recipe_problems_exit_2_before_loading(
 ) -> None:
     data = str(prefs["train"])
     recipe = _recipe(tiny_llama, prefs["train"], objective="rewrad")
-    assert main(["validate", str(_write(tmp_path / "a.yaml", recipe))]) == 2
+    assert main(["validate", str(write_recipe(tmp_path / "a.yaml", recipe))]) == 2
     assert "unknown objective 'rewrad' (did you mean 'reward'?" in capsys.readouterr().err
     recipe = _recipe(tiny_llama, prefs["train"], preference={"center_reward": 0.1})
-    assert main(["validate", str(_write(tmp_path / "b.yaml", recipe))]) == 2
+    assert main(["validate", str(write_recipe(tmp_path / "b.yaml", recipe))]) == 2
     assert "did you mean 'center_rewards'?" in capsys.readouterr().err
     recipe = _recipe(tiny_llama, prefs["train"], preference={"center_rewards": -1})
-    assert main(["validate", str(_write(tmp_path / "b.yaml", recipe))]) == 2
+    assert main(["validate", str(write_recipe(tmp_path / "b.yaml", recipe))]) == 2
     assert "preference.center_rewards: Input should be greater than or equal to 0" in (
         capsys.readouterr().err
     )
@@ -412,13 +405,13 @@ def test_recipe_problems_exit_2_before_loading(
         preference={"beta": 0.2, "reference": data},
     )
     recipe["data"] = [{"path": data, "bootstrap": 1}]
-    assert main(["train", str(_write(tmp_path / "c.yaml", recipe)), str(tmp_path / "o")]) == 2
+    assert main(["train", str(write_recipe(tmp_path / "c.yaml", recipe)), str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert "preference.beta: applies to objective: dpo only" in err
     assert "preference.reference: applies to objective: dpo only" in err
     assert "data.0.bootstrap: not supported by reward" in err
     recipe = _recipe(tiny_llama, prefs["train"], objective="dpo", preference={"center_rewards": 1})
-    assert main(["validate", str(_write(tmp_path / "d.yaml", recipe))]) == 2
+    assert main(["validate", str(write_recipe(tmp_path / "d.yaml", recipe))]) == 2
     assert "preference.center_rewards: applies to objective: reward only" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
@@ -433,7 +426,7 @@ def test_a_classifier_of_several_labels_is_refused(
         folder
     )
     recipe = _recipe(folder, prefs["train"])
-    assert main(["validate", str(_write(tmp_path / "r.yaml", recipe))]) == 2
+    assert main(["validate", str(write_recipe(tmp_path / "r.yaml", recipe))]) == 2
     assert "a classifier of 3 labels, not a reward model" in capsys.readouterr().err
 
 
@@ -441,7 +434,7 @@ def test_other_data_is_refused(
     tiny_llama: Path, data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     recipe = _recipe(tiny_llama, data_dir / "sft.jsonl")
-    assert main(["train", str(_write(tmp_path / "a.yaml", recipe)), str(tmp_path / "o")]) == 2
+    assert main(["train", str(write_recipe(tmp_path / "a.yaml", recipe)), str(tmp_path / "o")]) == 2
     assert "records that are not preference pairs" in capsys.readouterr().err
 
 

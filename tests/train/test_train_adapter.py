@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
+from tests.train.conftest import write_recipe
 from transformers import AutoModelForCausalLM
 
 from alloy.cli.main import main
@@ -39,11 +39,6 @@ def _recipe(start: Path, data_dir: Path, **changes: Any) -> dict[str, Any]:
     }
     recipe.update(changes)
     return {k: v for k, v in recipe.items() if v is not None}
-
-
-def _write(path: Path, recipe: dict[str, Any]) -> Path:
-    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
-    return path
 
 
 def _tensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -207,7 +202,7 @@ def test_targets_are_checked_against_the_model_by_validate(
     if adapter is not None:
         adapter = {k: v for k, v in {"rank": 4, "alpha": 8, **adapter}.items() if v is not None}
     recipe = _recipe(tiny_root / model, data_dir, adapter=adapter, optimizer=optimizer)
-    path = _write(tmp_path / "r.yaml", recipe)
+    path = write_recipe(tmp_path / "r.yaml", recipe)
     assert main(["validate", str(path)]) == 2
     err = " ".join(capsys.readouterr().err.split())
     assert expected in err
@@ -216,13 +211,13 @@ def test_targets_are_checked_against_the_model_by_validate(
 def test_train_refuses_before_loading_weights(
     tiny_llama: Path, data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    path = _write(
+    path = write_recipe(
         tmp_path / "r.yaml", _recipe(tiny_llama, data_dir, adapter={"target_modules": ["qproj"]})
     )
     assert main(["train", str(path), str(tmp_path / "out")]) == 2
     assert "adapter.target_modules.0: 'qproj' matches no module" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.yaml"]
-    path = _write(tmp_path / "r.yaml", _recipe(tiny_llama, data_dir, adapter=None))
+    path = write_recipe(tmp_path / "r.yaml", _recipe(tiny_llama, data_dir, adapter=None))
     assert main(["train", str(path), str(tmp_path / "out"), "--merge"]) == 2
     assert "--merge folds a trained adapter" in capsys.readouterr().err
 
@@ -369,7 +364,10 @@ def test_merge_writes_the_folded_model_and_averages_only_the_adapter(
     evaluation = {"data": [str(data_dir / "old.jsonl")], "max_tokens": 256, "at_start": False}
     recipe = _recipe(tiny_llama, data_dir, averaging={"ema": {"decay": 0.5}}, eval=evaluation)
     out = tmp_path / "out"
-    assert main(["train", "-q", str(_write(tmp_path / "r.yaml", recipe)), str(out), "--merge"]) == 0
+    assert (
+        main(["train", "-q", str(write_recipe(tmp_path / "r.yaml", recipe)), str(out), "--merge"])
+        == 0
+    )
     assert not (out / "adapter_config.json").exists()
     merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     torch.testing.assert_close(_logits(merged), seen["logits"], atol=1e-5, rtol=1e-5)
