@@ -109,6 +109,7 @@ def _register() -> None:
     from alloy.cli import average as _average  # noqa: F401
     from alloy.cli import eval as _eval  # noqa: F401
     from alloy.cli import generate as _generate  # noqa: F401
+    from alloy.cli import improve as _improve  # noqa: F401
     from alloy.cli import inspect as _inspect  # noqa: F401
     from alloy.cli import lab as _lab  # noqa: F401
     from alloy.cli import lora as _lora  # noqa: F401

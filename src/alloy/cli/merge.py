@@ -118,7 +118,8 @@ def merge(
 @app.command()
 def validate(
     recipe: Annotated[
-        Path, typer.Argument(metavar="RECIPE", help="Merge, ensemble, MoE or training recipe.")
+        Path,
+        typer.Argument(metavar="RECIPE", help="Merge, ensemble, MoE, training or improve recipe."),
     ],
     allow_pickle: Annotated[bool, ALLOW_PICKLE] = False,
     recipe_only: Annotated[
@@ -127,7 +128,8 @@ def validate(
 ) -> None:
     """Check any recipe and what it names (configs, headers and data; no tensor data is read).
 
-    Kind by key: merge_method (merge), rule (ensemble), experts (MoE), objective (training).
+    Kind by key: merge_method (merge), rule (ensemble), experts (MoE), objective (training),
+    improve (an improvement loop).
     """
     from alloy.io.yamlfile import read_recipe
 
@@ -138,6 +140,8 @@ def validate(
 
 
 def _recipe_kind(raw: dict[str, Any]) -> str:
+    if "improve" in raw:
+        return "improve"
     if "rule" in raw:
         return "ensemble"
     if "objective" in raw:
@@ -197,11 +201,19 @@ def _validate_train(recipe: Path, allow_pickle: bool, recipe_only: bool) -> list
     return [f"ok: {train_plan.recipe.spec.objective} training, {train_plan.steps} steps"]
 
 
+def _validate_improve(recipe: Path, allow_pickle: bool, recipe_only: bool) -> list[str]:
+    from alloy.improve import load_improve_recipe
+
+    plan = load_improve_recipe(recipe)
+    return [f"ok: {plan.spec.improve} loop, {plan.spec.iterations} iteration(s)"]
+
+
 _VALIDATORS: dict[str, Callable[[Path, bool, bool], list[str]]] = {
     "merge": _validate_merge,
     "ensemble": _validate_ensemble,
     "moe": _validate_moe,
     "train": _validate_train,
+    "improve": _validate_improve,
 }
 
 
