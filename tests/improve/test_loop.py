@@ -74,6 +74,7 @@ def test_raft_two_iterations_are_reproducible_and_train_on_each_prompts_best(
         assert 0 <= m["agreement"]["accuracy"] <= 1
         assert m["held_out"]["score"]["n"] == len(PROMPTS)
         assert "monitor" in m["held_out"]
+        assert len(_rows(Path(m["held_out"]["answers"]))) == len(PROMPTS)
     assert (a / "report.md").read_text().startswith("# raft")
     assert (a / "report.png").is_file()
 

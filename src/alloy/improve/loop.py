@@ -18,6 +18,7 @@ Everything is kept under OUT:
     OUT/iter-<t>/train[-<s>].jsonl  what the run(s) trained on (SFT examples or pairs)
     OUT/iter-<t>/model/             the iteration's model (rest: OUT/iter-<t>/step-<s>/model/)
     OUT/iter-<t>/iteration.json     the iteration's statistics and its key
+    OUT/{start,iter-<t>}/held_out.jsonl     each model's answers to eval.prompts, scored
     OUT/report.json, report.md, report.png   every model of the chain, iteration by iteration
     OUT/improve.json                the recipe and every run
 
@@ -523,7 +524,7 @@ def _report(
                 else:  # a fixed scorer agrees with the labels the same for every model
                     entry["agreement"] = models[0]["agreement"]
             if spec.eval is not None:
-                entry |= _evaluate(plan, model, fixed_judge)
+                entry |= _evaluate(plan, model, fixed_judge, cache.with_name("held_out.jsonl"))
             cache.parent.mkdir(parents=True, exist_ok=True)
             _write_json(cache, {"key": key, **entry})
         models.append({k: v for k, v in entry.items() if k != "key"})
@@ -559,7 +560,11 @@ def _agreement(
     return pick.agreement(chosen, rejected)
 
 
-def _evaluate(plan: ImprovePlan, model: str, judge: AnswerScorer) -> dict[str, Any]:
+def _evaluate(
+    plan: ImprovePlan, model: str, judge: AnswerScorer, answers_file: Path
+) -> dict[str, Any]:
+    """Held-out prompts answered by `model` (written to `answers_file`) and scored, and the
+    eval sets."""
     spec = plan.spec
     assert spec.eval is not None
     entry: dict[str, Any] = {}
@@ -571,14 +576,27 @@ def _evaluate(plan: ImprovePlan, model: str, judge: AnswerScorer) -> dict[str, A
         del sampler
         prompts = [p for p, g in zip(plan.eval_prompts, groups, strict=True) for _ in g]
         answers = [a.text for g in groups for a in g]
+        scores = judge.score(prompts, answers)
+        monitor_scores = (
+            RewardModels(spec.monitor.reward, device=spec.device).score(prompts, answers)
+            if spec.monitor
+            else None
+        )
+        rows = [
+            {"prompt": p, "answer": a, "score": s}
+            | ({} if monitor_scores is None else {"monitor": monitor_scores[i]})
+            for i, (p, a, s) in enumerate(zip(prompts, answers, scores, strict=True))
+        ]
+        answers_file.parent.mkdir(parents=True, exist_ok=True)
+        _write_jsonl(answers_file, rows)
         entry["held_out"] = {
-            "score": _summary(judge.score(prompts, answers)),
+            "answers": str(answers_file),
+            "score": _summary(scores),
             "tokens": statistics.fmean(len(a.token_ids) for g in groups for a in g),
             "tokens_per_second": sampling["tokens_per_second"],
         }
-        if spec.monitor:
-            monitor = RewardModels(spec.monitor.reward, device=spec.device)
-            entry["held_out"]["monitor"] = _summary(monitor.score(prompts, answers))
+        if monitor_scores is not None:
+            entry["held_out"]["monitor"] = _summary(monitor_scores)
     if spec.eval.data:
         from alloy.eval import EvalSettings, evaluate, load_eval_sets, load_scorer
         from alloy.train.recipe import source_path
