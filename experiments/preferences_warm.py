@@ -15,7 +15,8 @@ distribution) and on pairs of long reviews (LONG characters: a length shift, nev
 Every member starts from one shared initialisation: the lab's experiment-size small Llama
 (runs/lab/family/experiment/small/base) as a one-score classifier with one seeded score head,
 saved once. Members differ in seed (data order) and learning rate. The soup is `alloy soup
---method uniform` over the members; the ensemble is the mean of the members' rewards. Writes
+--method uniform` over the members; the ensemble is the mean of the members' rewards. The
+whole comparison is repeated over --repeats groups of members (other seeds). Writes
 experiments/results/preferences_warm.json, docs/results.md section `preferences-warm` and
 docs/img/preferences_warm.png; models stay under --root/experiments/preferences/warm/.
 """
@@ -47,6 +48,9 @@ FLIP_SHARE = 0.2
 # (seed, learning rate) of each member: one init, different data orders and learning rates.
 MEMBERS = ((0, 5e-4), (1, 1e-3), (2, 7e-4), (3, 1.5e-3))
 STEPS, BATCH, SEQ = 150, 8, 128
+# Independent groups of members (other seeds, same init, flips and learning rates): the
+# comparison is repeated, not read from one draw.
+REPEATS = 4
 
 
 def _pair(great: str, other: str) -> dict[str, str]:
@@ -174,8 +178,6 @@ def paired(a: list[float], b: list[float]) -> dict[str, float]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    import subprocess
-
     from alloy.lab.corpus import build_corpus
 
     build_corpus(args.root)
@@ -187,10 +189,46 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     init = shared_init(base, work / "init")
     sets = {"short": data["test_short"], "long": data["test_long"]}
     sets["flipped"] = data["flipped_true"]
+    groups = []
+    for g in range(args.repeats):
+        print(f"group {g + 1}/{args.repeats}", flush=True)
+        groups.append(group(args, g, work, init, data, sets))
+    return {
+        "counts": data["counts"],
+        # The first group's numbers at the top level, every group's under "groups".
+        **groups[0],
+        "groups": groups,
+        "settings": {
+            "prompt": PROMPT,
+            "short_chars": SHORT,
+            "long_chars": list(LONG),
+            "flip_share": FLIP_SHARE,
+            "steps": steps(args, STEPS),
+            "batch": BATCH,
+            "sequence_length": SEQ,
+            "per_other": PER_OTHER,
+        },
+    }
+
+
+def group(
+    args: argparse.Namespace,
+    g: int,
+    work: Path,
+    init: Path,
+    data: dict[str, Any],
+    sets: dict[str, Path],
+) -> dict[str, Any]:
+    """One WARM group: its members (seeds g * len(MEMBERS) + k, the learning rates of
+    MEMBERS), their uniform soup and their ensemble, every model scored on every set."""
+    import subprocess
+
     members: list[dict[str, Any]] = []
     scores: dict[str, dict[str, Any]] = {}
+    prefix = f"g{g}-" if g else ""  # group 0's folders keep their first names
     for k, (seed, lr) in enumerate(MEMBERS[: args.members]):
-        out = work / f"member-{k}"
+        seed += g * len(MEMBERS)
+        out = work / f"{prefix}member-{k}"
         recipe = member_recipe(args, init, data["train_noisy"], seed, lr)
         seconds = timed_train(recipe, out)
         metrics = run_metrics(out)
@@ -210,10 +248,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         print(f"  {members[-1]['name']}: trained {seconds:.0f}s", flush=True)
     names = [f"member-{k}" for k in range(len(members))]
     if len(members) > 1:
-        soup = work / "soup"
+        soup = work / f"{prefix}soup"
         t = time.perf_counter()
         argv = [sys.executable, "-m", "alloy", "soup", "--candidates"]
-        argv += [str(work / n) for n in names]
+        argv += [str(work / f"{prefix}{n}") for n in names]
         argv += ["--eval", str(data["test_short"]), "--max-items", "50"]
         argv += ["--method", "uniform", str(soup), "--force", "--quiet"]
         subprocess.run(argv, check=True)
@@ -260,21 +298,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             }
     rows["ensemble"]["name"] = f"prediction ensemble (mean reward of {len(members)})"
     return {
-        "counts": data["counts"],
         "members": members,
         "rows": rows,
         "comparisons": comparisons,
         "soup_seconds": soup_seconds,
-        "settings": {
-            "prompt": PROMPT,
-            "short_chars": SHORT,
-            "long_chars": list(LONG),
-            "flip_share": FLIP_SHARE,
-            "steps": steps(args, STEPS),
-            "batch": BATCH,
-            "sequence_length": SEQ,
-            "per_other": PER_OTHER,
-        },
     }
 
 
@@ -304,6 +331,8 @@ def plot(payload: dict[str, Any], path: Path) -> None:
     low = min(min(r["accuracy"]["short"], r["accuracy"]["long"]) for r in rows.values())
     ax.set_ylim(max(0.0, low - 0.1), 1.0)
     ax.set_ylabel("preference accuracy")
+    if len(payload.get("groups", [])) > 1:
+        ax.set_title(f"group 1 of {len(payload['groups'])} (two standard errors)", fontsize=9)
     ax.legend(fontsize=8, loc="upper left", ncol=2)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -370,11 +399,14 @@ def section(p: dict[str, Any]) -> str:
     ]
     if "soup" not in rows:
         return "\n".join([*lines, "Only one member was trained: no soup to compare."])
-    lines += _reading(p)
+    several = len(p.get("groups", [])) > 1
+    lines += _reading(p, several)
+    if several:
+        lines += ["", *_groups(p)]
     return "\n".join(lines)
 
 
-def _reading(p: dict[str, Any]) -> list[str]:
+def _reading(p: dict[str, Any], several: bool) -> list[str]:
     rows, comp = p["rows"], p["comparisons"]
 
     def cmp(item: dict[str, float]) -> str:
@@ -408,7 +440,8 @@ def _reading(p: dict[str, Any]) -> list[str]:
     held = as_good and robust
     lines += [
         "",
-        'Seen: the claim "the soup is at least as accurate as the best member and more robust '
+        ("Group 1 alone: the claim" if several else "Seen: the claim")
+        + ' "the soup is at least as accurate as the best member and more robust '
         "under shift, at one model's cost\" "
         + ("held" if held else "did not hold in full")
         + " here. In distribution the soup scores "
@@ -437,8 +470,109 @@ def _reading(p: dict[str, Any]) -> list[str]:
         f"{comp['long']['soup_vs_ensemble']['diff']:+.3f} (long), while scoring with one model: "
         f"the ensemble's scoring took {cost:.1f}x the soup's time "
         f"({ens['score_seconds']:.1f} s against {soup_rows['score_seconds']:.1f} s). "
-        "Training costs the same for both (every member is trained). One run of each member, "
-        "one seed of the data and flips, and a small model: a single draw, not a distribution.",
+        "Training costs the same for both (every member is trained)."
+        + (
+            ""
+            if several
+            else " One run of each member, one seed of the data and flips, and a small model: "
+            "a single draw, not a distribution."
+        ),
+    ]
+    return lines
+
+
+def _groups(p: dict[str, Any]) -> list[str]:
+    """The comparison repeated over every group of members, and the verdict from all of them."""
+    groups = p["groups"]
+    n = len(groups)
+    size = len(groups[0]["members"])
+
+    def acc(g: dict[str, Any], key: str, s: str) -> float:
+        return float(g["rows"][key]["accuracy"][s])
+
+    def best(g: dict[str, Any], s: str) -> float:
+        return acc(g, g["comparisons"][s]["best_member"], s)
+
+    lines = [
+        f"### Repeated: {n} independent groups of {size} members",
+        "",
+        f"The same comparison with {n} groups of {size} members each (group g, from 0, trains "
+        f"seeds {size}g to {size}g+{size - 1} with the same learning rates, init, pairs and "
+        "flips; group 1 is the table above). The best member is the member best on that test "
+        "set, picked on the test set itself: an oracle the soup is not given.",
+        "",
+        "| group | best member short | soup short | ensemble short | best member long | "
+        "soup long | ensemble long | soup minus best member (short / long) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    d: dict[str, list[float]] = {"short": [], "long": []}
+    e: dict[str, list[float]] = {"short": [], "long": []}
+    for i, g in enumerate(groups):
+        for s in d:
+            d[s].append(acc(g, "soup", s) - best(g, s))
+            e[s].append(acc(g, "soup", s) - acc(g, "ensemble", s))
+        lines.append(
+            f"| {i + 1} | {best(g, 'short'):.3f} | {acc(g, 'soup', 'short'):.3f} | "
+            f"{acc(g, 'ensemble', 'short'):.3f} | {best(g, 'long'):.3f} | "
+            f"{acc(g, 'soup', 'long'):.3f} | {acc(g, 'ensemble', 'long'):.3f} | "
+            f"{d['short'][-1]:+.3f} / {d['long'][-1]:+.3f} |"
+        )
+
+    def mean(key: str, s: str) -> float:
+        return statistics.fmean(best(g, s) if key == "best" else acc(g, key, s) for g in groups)
+
+    lines.append(
+        f"| mean | {mean('best', 'short'):.3f} | {mean('soup', 'short'):.3f} | "
+        f"{mean('ensemble', 'short'):.3f} | {mean('best', 'long'):.3f} | "
+        f"{mean('soup', 'long'):.3f} | {mean('ensemble', 'long'):.3f} | "
+        f"{statistics.fmean(d['short']):+.3f} / {statistics.fmean(d['long']):+.3f} |"
+    )
+
+    def interval(values: list[float]) -> tuple[float, float]:
+        m = statistics.fmean(values)
+        return m, 2 * statistics.stdev(values) / len(values) ** 0.5
+
+    ds, dl = interval(d["short"]), interval(d["long"])
+    es, el = interval(e["short"]), interval(e["long"])
+    as_good = "held" if ds[0] >= 0 else "not shown either way" if ds[0] + ds[1] >= 0 else "failed"
+    robust = "held" if dl[0] - dl[1] > 0 else "not shown" if dl[0] > 0 else "failed"
+    wins_short = sum(x >= 0 for x in d["short"])
+    wins_long = sum(x > 0 for x in d["long"])
+
+    def drop(keys: Any) -> float:
+        return statistics.fmean(
+            acc(g, k, "long") - acc(g, k, "short") for g in groups for k in keys(g)
+        )
+
+    drops = {
+        "soup": drop(lambda g: ["soup"]),
+        "members": drop(lambda g: [k for k in g["rows"] if k.startswith("member-")]),
+        "ensemble": drop(lambda g: ["ensemble"]),
+    }
+    cost = statistics.fmean(
+        g["rows"]["ensemble"]["score_seconds"] / g["rows"]["soup"]["score_seconds"] for g in groups
+    )
+    mean_member = {
+        s: statistics.fmean(g["comparisons"][s]["soup_vs_mean_member"]["diff"] for g in groups)
+        for s in ("short", "long")
+    }
+    held = as_good == "held" and robust == "held"
+    lines += [
+        "",
+        f"Seen, over the {n} groups (means ± two standard errors across groups): the claim "
+        '"the soup is at least as accurate as the best member and more robust under shift, at '
+        f"one model's cost\" {'held' if held else 'did not hold'}. At least as accurate as the "
+        f"best member in distribution: {as_good} (soup minus best member {ds[0]:+.3f} ± "
+        f"{ds[1]:.3f}; the soup was not below it in {wins_short} of {n} groups). More robust "
+        f"under shift, i.e. above the best member on the long reviews: {robust} "
+        f"({dl[0]:+.3f} ± {dl[1]:.3f}; above it in {wins_long} of {n} groups). From short to "
+        f"long reviews the soup's accuracy moves by {drops['soup']:+.3f} on average, a member's "
+        f"by {drops['members']:+.3f}, the ensemble's by {drops['ensemble']:+.3f}. Against the "
+        f"prediction ensemble of the same members the soup is {es[0]:+.3f} ± {es[1]:.3f} "
+        f"(short) and {el[0]:+.3f} ± {el[1]:.3f} (long), at one model's scoring cost (the "
+        f"ensemble's scoring took {cost:.1f}x the soup's time). Against the average member the "
+        f"soup is {mean_member['short']:+.3f} (short) and {mean_member['long']:+.3f} (long) on "
+        "average. One small model, one set of pairs and flips.",
     ]
     return lines
 
@@ -448,6 +582,7 @@ def main() -> None:
     parser.add_argument("--root", type=Path, default=ROOT / "runs" / "lab")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every step count")
     parser.add_argument("--members", type=int, default=len(MEMBERS), choices=range(1, 5))
+    parser.add_argument("--repeats", type=int, default=REPEATS, help="groups of members")
     parser.add_argument("--pilot", action="store_true", help="own folder; print, write nothing")
     parser.add_argument("--docs", type=Path, default=ROOT / "docs" / "results.md")
     parser.add_argument("--json", type=Path, default=ROOT / "experiments" / "results")
@@ -471,9 +606,11 @@ def main() -> None:
             "OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 python experiments/preferences_warm.py"
             + (f" --scale {args.scale:g}" if args.scale != 1 else "")
             + (f" --members {args.members}" if args.members != len(MEMBERS) else "")
+            + (f" --repeats {args.repeats}" if args.repeats != REPEATS else "")
         )
         if args.pilot:
-            print(json.dumps({k: v["accuracy"] for k, v in payload["rows"].items()}, indent=2))
+            for g in payload["groups"]:
+                print(json.dumps({k: v["accuracy"] for k, v in g["rows"].items()}, indent=2))
             return
         saved.parent.mkdir(parents=True, exist_ok=True)
         saved.write_text(json.dumps(payload, indent=2) + "\n")
