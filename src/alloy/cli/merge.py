@@ -204,7 +204,7 @@ def _validate_train(recipe: Path, allow_pickle: bool, recipe_only: bool) -> list
 def _validate_improve(recipe: Path, allow_pickle: bool, recipe_only: bool) -> list[str]:
     from alloy.improve import load_improve_recipe
 
-    plan = load_improve_recipe(recipe)
+    plan = load_improve_recipe(recipe, check_paths=not recipe_only)
     return [f"ok: {plan.spec.improve} loop, {plan.spec.iterations} iteration(s)"]
 
 

@@ -203,9 +203,14 @@ def is_improve_recipe(raw: Mapping[str, Any]) -> bool:
 
 
 def load_improve_recipe(
-    source: str | os.PathLike[str] | Mapping[str, Any], out: str | os.PathLike[str] | None = None
+    source: str | os.PathLike[str] | Mapping[str, Any],
+    out: str | os.PathLike[str] | None = None,
+    *,
+    check_paths: bool = True,
 ) -> ImprovePlan:
-    """Read and check an improvement-loop recipe (see the module docstring).
+    """Read and check an improvement-loop recipe (see the module docstring); with
+    `check_paths=False` the models and files it names are not looked at (`validate
+    --recipe-only`; the plan then holds no prompts).
 
     Raises:
         RecipeError: every problem, with its YAML path (and file:line for the prompt files).
@@ -217,8 +222,9 @@ def load_improve_recipe(
         problems.raise_if_any(RecipeError, f"invalid improve recipe ({origin})")
         raise AssertionError("schema validation failed without a problem")
     lab = Path(spec.lab or os.environ.get("ALLOY_LAB") or "runs/lab")
-    _check_model(spec.policy, "policy", problems, reward=False)
-    prompts = read_prompts(Path(spec.prompts.path), "prompts.path", problems, spec.prompts.limit)
+    paths = problems if check_paths else ProblemCollector()  # what the files and models say
+    _check_model(spec.policy, "policy", paths, reward=False)
+    prompts = read_prompts(Path(spec.prompts.path), "prompts.path", paths, spec.prompts.limit)
     per = spec.prompts.per_iteration
     if per is not None and prompts and per * spec.iterations > len(prompts):
         problems.add(
@@ -227,30 +233,30 @@ def load_improve_recipe(
             f"{spec.prompts.path} has {len(prompts)}",
             "lower per_iteration or iterations, or leave per_iteration out to reuse the prompts",
         )
-    score = _score_entry(spec, problems)
+    score = _score_entry(spec, problems, paths)
     _check_select(spec, problems)
     if spec.improve == "self_reward" and spec.sample.k < 2:
         problems.add("sample.k", "self_reward pairs samples of a prompt: it needs k >= 2")
     _check_template(spec.sample.template, "sample.template", problems)
     if score.judge is not None:
-        _check_judge(score.judge, problems)
+        _check_judge(score.judge, problems, paths)
     for i, model in enumerate(spec.monitor.reward if spec.monitor else []):
-        _check_model(model, f"monitor.reward.{i}", problems, reward=True)
+        _check_model(model, f"monitor.reward.{i}", paths, reward=True)
     if spec.agreement is not None:
-        _check_pairs(Path(spec.agreement), "agreement", problems)
+        _check_pairs(Path(spec.agreement), "agreement", paths)
     eval_prompts: list[str] = []
     if spec.eval is not None:
         if spec.eval.prompts is None and not spec.eval.data:
             problems.add("eval", "give prompts (held-out prompts to sample) or data, or both")
         if spec.eval.prompts is not None:
             eval_prompts = read_prompts(
-                Path(spec.eval.prompts), "eval.prompts", problems, spec.eval.limit
+                Path(spec.eval.prompts), "eval.prompts", paths, spec.eval.limit
             )
         for i, entry in enumerate(spec.eval.data or []):
             if (entry.path is None) == (entry.corpus is None):
                 problems.add(f"eval.data.{i}", "give path or corpus (exactly one)")
             elif not source_path(entry, lab).exists():
-                problems.add(f"eval.data.{i}", f"{source_path(entry, lab)}: not found")
+                paths.add(f"eval.data.{i}", f"{source_path(entry, lab)}: not found")
     train = _train_settings(spec, problems)
     from alloy.train.recipe import _device_issues
 
@@ -264,7 +270,9 @@ def load_improve_recipe(
     return ImprovePlan(spec, origin, text, out_path, prompts, train, score, eval_prompts, lab)
 
 
-def _score_entry(spec: ImproveRecipe, problems: ProblemCollector) -> ScoreEntry:
+def _score_entry(
+    spec: ImproveRecipe, problems: ProblemCollector, paths: ProblemCollector
+) -> ScoreEntry:
     score = spec.score
     if score is None:
         if spec.improve == "self_reward":
@@ -275,7 +283,7 @@ def _score_entry(spec: ImproveRecipe, problems: ProblemCollector) -> ScoreEntry:
         problems.add("score", "give reward (reward models) or judge (an LLM judge), exactly one")
         return score if score.judge is not None or score.reward else ScoreEntry(judge=JudgeEntry())
     for i, model in enumerate(score.reward or []):
-        _check_model(model, f"score.reward.{i}", problems, reward=True)
+        _check_model(model, f"score.reward.{i}", paths, reward=True)
     if spec.improve == "self_reward" and (score.judge is None or score.judge.model != "policy"):
         problems.add(
             "score",
@@ -312,12 +320,12 @@ def _check_select(spec: ImproveRecipe, problems: ProblemCollector) -> None:
         problems.add("select.top_k", f"keeps {select.top_k} of only {spec.sample.k} samples")
 
 
-def _check_judge(judge: JudgeEntry, problems: ProblemCollector) -> None:
+def _check_judge(judge: JudgeEntry, problems: ProblemCollector, paths: ProblemCollector) -> None:
     if judge.model != "policy":
-        _check_model(judge.model, "score.judge.model", problems, reward=False)
+        _check_model(judge.model, "score.judge.model", paths, reward=False)
     _check_template(judge.template, "score.judge.template", problems)
     if judge.prompt is not None:
-        read_judge_prompt(Path(judge.prompt), "score.judge.prompt", problems)
+        read_judge_prompt(Path(judge.prompt), "score.judge.prompt", paths)
 
 
 def read_judge_prompt(path: Path, where: str, problems: ProblemCollector) -> str:
