@@ -481,6 +481,16 @@ def _reading(p: dict[str, Any], several: bool) -> list[str]:
     return lines
 
 
+def memorised(groups: list[dict[str, Any]], keys: list[str] | None) -> float:
+    """Mean share of the flipped training pairs scored the corrupted way by `keys` (None:
+    every member) over the groups."""
+    return statistics.fmean(
+        1 - float(g["rows"][k]["accuracy"]["flipped"])
+        for g in groups
+        for k in (keys or [k for k in g["rows"] if k.startswith("member-")])
+    )
+
+
 def _groups(p: dict[str, Any]) -> list[str]:
     """The comparison repeated over every group of members, and the verdict from all of them."""
     groups = p["groups"]
@@ -556,6 +566,17 @@ def _groups(p: dict[str, Any]) -> list[str]:
         s: statistics.fmean(g["comparisons"][s]["soup_vs_mean_member"]["diff"] for g in groups)
         for s in ("short", "long")
     }
+    # Memorisation of the flipped labels: 1 - accuracy (true labels) on the flipped train pairs.
+    memo = {
+        "soup": memorised(groups, ["soup"]),
+        "members": memorised(groups, None),
+        "ensemble": memorised(groups, ["ensemble"]),
+    }
+    lower = sum(
+        1 - acc(g, "soup", "flipped")
+        < statistics.fmean(1 - acc(g, k, "flipped") for k in g["rows"] if k.startswith("member-"))
+        for g in groups
+    )
     held = as_good == "held" and robust == "held"
     lines += [
         "",
@@ -572,7 +593,11 @@ def _groups(p: dict[str, Any]) -> list[str]:
         f"(short) and {el[0]:+.3f} ± {el[1]:.3f} (long), at one model's scoring cost (the "
         f"ensemble's scoring took {cost:.1f}x the soup's time). Against the average member the "
         f"soup is {mean_member['short']:+.3f} (short) and {mean_member['long']:+.3f} (long) on "
-        "average. One small model, one set of pairs and flips.",
+        f"average. The soup scores {memo['soup']:.3f} of the flipped training pairs the "
+        f"corrupted way, a member {memo['members']:.3f} and the ensemble "
+        f"{memo['ensemble']:.3f} on average (the soup below its average member in {lower} of "
+        f"{n} groups{': it memorised less of the noise' if lower == n else ''}). One small "
+        "model, one set of pairs and flips.",
     ]
     return lines
 
