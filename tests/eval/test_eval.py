@@ -142,7 +142,11 @@ def test_reward_model_preference_and_padding(tmp_path: Path) -> None:
     for item in items:
         r = []
         for text in (item.prompt + item.chosen, item.prompt + item.rejected):
-            ids = torch.tensor([scorer.tokenizer(text)["input_ids"]])
+            # alloy train's reward layout: [BOS] text [EOS] (pad 0 is not EOS, so the reward
+            # is read at the EOS), each row alone, unpadded.
+            tokens = scorer.tokenizer(text, add_special_tokens=False)["input_ids"]
+            bos, eos = scorer.tokenizer.bos_token_id, scorer.tokenizer.eos_token_id
+            ids = torch.tensor([[bos, *tokens, eos]])
             with torch.no_grad():
                 r.append(float(scorer.model(input_ids=ids).logits[0, 0]))
         expected += 1.0 if r[0] > r[1] else 0.0

@@ -209,3 +209,33 @@ def test_dry_run_prints_the_plan_and_writes_nothing(
     out = capsys.readouterr().out
     assert "rest: 2 iteration(s)" in out and "2 sft run(s)" in out
     assert not (tmp_path / "dry").exists()
+
+
+def test_empty_answers_are_never_kept(
+    loop_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An answer that is EOS at once scores (here: best) but cannot be an SFT target."""
+    from alloy.ensemble.decoder import Generation
+    from alloy.improve import loop
+
+    sample = loop.sample_answers
+
+    def with_an_empty_first_answer(*args: Any, **kwargs: Any) -> Any:
+        groups, stats = sample(*args, **kwargs)
+        for g in groups:
+            g[0] = Generation(g[0].prompt, "", [], "eos")
+        return groups, stats
+
+    class Shortest:
+        name = "shortest"
+
+        def score(self, prompts: list[str], answers: list[str]) -> list[float | None]:
+            return [-float(len(a)) for a in answers]
+
+    monkeypatch.setattr(loop, "sample_answers", with_an_empty_first_answer)
+    report = improve(
+        loop_recipe(loop_root, iterations=1), tmp_path / "e", scorer=Shortest(), say=lambda m: None
+    )
+    kept = _rows(tmp_path / "e/iter-1/train.jsonl")
+    assert len(kept) == len(PROMPTS) and all(r["completion"].strip() for r in kept)
+    assert report["iterations"][0]["empty"] == len(PROMPTS)

@@ -195,7 +195,10 @@ def test_cli_run_lowers_the_loss_and_the_output_is_a_reward_model(
     tokenizer = AutoTokenizer.from_pretrained(out)
     assert model.num_labels == 1 and tokenizer.pad_token_id == config["pad_token_id"]
     text = "say: cat sat"
-    ids = tokenizer(text, return_tensors="pt")["input_ids"]
+    # Scored as trained: [BOS] text [EOS] (pad is not EOS here, so the reward sits on EOS).
+    assert tokenizer.pad_token_id != tokenizer.eos_token_id
+    tokens = tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([[tokenizer.bos_token_id, *tokens, tokenizer.eos_token_id]])
     with torch.no_grad():
         direct = model(input_ids=ids).logits[0, 0].item()
     assert reward_scores(load_scorer(out), [text])[0] == pytest.approx(direct, abs=1e-5)

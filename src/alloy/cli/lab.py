@@ -114,6 +114,11 @@ def demo(
     quiet_transformers()
     payload = run_demo(root, out, preset=preset, seed=seed, force=force, say=typer.echo)
     print_results(payload["results"], None, "per-domain perplexity (test split; lower is better)")
+    raft = payload["raft"]
+    typer.echo(
+        f"RAFT: mean reward of the base's samples {raft['reward_before']:.3f}; the "
+        f"{raft['kept']} it fine-tuned on (best of 4 per prompt) {raft['reward_kept']:.3f}"
+    )
     timings = ", ".join(f"{k} {v:.0f}s" for k, v in payload["timings"].items())
     typer.echo(f"wrote {out} ({timings})")
 

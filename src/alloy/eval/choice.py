@@ -10,6 +10,7 @@ Preference accuracy counts a tie as half right. A reward model scores `prompt + 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -98,13 +99,28 @@ def preference_accuracy(
     }
 
 
+def reward_inputs(tokenizer: Any, text: str, max_length: int, pad_id: int | None) -> list[int]:
+    """Token ids a reward model scores `text` on, laid out as `alloy train`'s reward objective
+    trained it: `[start] text`, plus EOS when padding is not EOS (training reads the reward at
+    the last non-pad token, which is then the EOS it appended). Too long: the text loses tokens
+    from its left, the start token stays."""
+    start = start_ids(tokenizer)
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    eos = tokenizer.eos_token_id
+    if eos is not None and pad_id is not None and pad_id != eos:
+        ids.append(int(eos))
+    return start + ids[-(max_length - len(start)) :]
+
+
 def reward_scores(scorer: RewardScorer, texts: Sequence[str], batch_size: int = 8) -> list[float]:
     tokenizer = scorer.tokenizer
     out = [0.0] * len(texts)
+    config = getattr(getattr(scorer, "model", None), "config", None)
+    pad_id = getattr(config, "pad_token_id", tokenizer.pad_token_id)
     pad = tokenizer.pad_token_id or 0
     for i in range(0, len(texts), batch_size):
         encoded = [
-            tokenizer(t, add_special_tokens=True)["input_ids"][-scorer.max_length :]
+            reward_inputs(tokenizer, t, scorer.max_length, pad_id)
             for t in texts[i : i + batch_size]
         ]
         length = max(len(e) for e in encoded)

@@ -253,6 +253,11 @@ def _iteration(
     )
     k = spec.sample.k
     scores = [flat[i * k : (i + 1) * k] for i in range(len(prompts))]
+    # An empty answer (EOS at once) cannot be a training target: it is never kept or paired.
+    selectable = [
+        [None if not a.text.strip() else v for a, v in zip(g, row, strict=True)]
+        for g, row in zip(groups, scores, strict=True)
+    ]
     rows = []
     for n, (prompt, group) in enumerate(zip(prompts, groups, strict=True)):
         for j, answer in enumerate(group):
@@ -276,14 +281,19 @@ def _iteration(
         "sampling": sampling,
         "score": _summary(flat),
         "monitor": _summary(monitor) if monitor is not None else None,
+        "empty": sum(not a.text.strip() for a in answers_of(groups)),
     }
     if isinstance(scorer, Judge) and scorer.judgements:
         stats["unreadable"] = scorer.unreadable / scorer.judgements
     if spec.improve == "self_reward":
-        stats |= _train_pairs(plan, t, policy, folder, prompts, groups, scores, monitor, say)
+        stats |= _train_pairs(plan, t, policy, folder, prompts, groups, selectable, monitor, say)
     else:
-        stats |= _train_best(plan, t, policy, folder, prompts, groups, scores, monitor, say)
+        stats |= _train_best(plan, t, policy, folder, prompts, groups, selectable, monitor, say)
     return stats
+
+
+def answers_of(groups: Sequence[Sequence[Any]]) -> list[Any]:
+    return [a for g in groups for a in g]
 
 
 def _summary(values: Sequence[float | None] | None) -> dict[str, float]:

@@ -111,6 +111,72 @@ def lora_recipe(family: Path, domain: str, preset: Preset, root: Path, seed: int
     }
 
 
+def improve_files(corpus: Path, domains: list[str], liked: str, work: Path) -> dict[str, Path]:
+    """Preference pairs (a passage of `liked` chosen over one of another domain, no prompt)
+    and RAFT prompts (the first words of validation passages of every domain)."""
+
+    def passages(domain: str, split: str, words: int) -> list[str]:
+        lines = (corpus / domain / f"{split}.jsonl").read_text().splitlines()
+        return [" ".join(json.loads(line)["text"].split()[:words]) for line in lines]
+
+    liked_texts = passages(liked, "train", 40)
+    others = [d for d in domains if d != liked]
+    pairs = []
+    for i in range(96):
+        other = passages(others[i % len(others)], "train", 40)
+        pairs.append({"prompt": "", "chosen": liked_texts[i], "rejected": other[i]})
+    prompts = [{"prompt": text} for d in domains for text in passages(d, "validation", 3)[:8]]
+    work.mkdir(parents=True, exist_ok=True)
+    files = {"pairs": work / "pairs.jsonl", "prompts": work / "prompts.jsonl"}
+    for key, rows in (("pairs", pairs), ("prompts", prompts)):
+        files[key].write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return files
+
+
+def reward_recipe(
+    family: Path, pairs: Path, preset: Preset, root: Path, seed: int
+) -> dict[str, Any]:
+    stage = preset.expert["small"]
+    return {
+        "name": "demo: reward model",
+        "objective": "reward",
+        "model": str(family / "small" / "base"),
+        "data": [{"name": "pairs", "path": str(pairs), "kind": "preference"}],
+        "lab": str(root),
+        "schedule": {"name": "cosine", "lr": stage.lr, "warmup": stage.warmup},
+        "optimizer": {"name": "adamw", "weight_decay": 0.0},
+        "max_steps": 40,
+        "batch_size": preset.batch,
+        "sequence_length": 64,
+        "seed": seed,
+    }
+
+
+def raft_recipe(
+    family: Path, prompts: Path, reward: Path, preset: Preset, root: Path, seed: int
+) -> dict[str, Any]:
+    """One RAFT iteration of the small base: 4 samples per prompt, the best by `reward`, SFT."""
+    stage = preset.expert["small"]
+    return {
+        "name": "demo: RAFT",
+        "improve": "raft",
+        "policy": str(family / "small" / "base"),
+        "prompts": str(prompts),
+        "iterations": 1,
+        "sample": {"k": 4, "max_new_tokens": 32, "temperature": 1.0, "batch_size": 32},
+        "score": {"reward": [str(reward)]},
+        "select": {"top_k": 1},
+        "train": {
+            "schedule": {"name": "constant", "lr": stage.lr / 2},
+            "max_steps": 20,
+            "batch_size": preset.batch,
+            "sequence_length": 64,
+        },
+        "lab": str(root),
+        "seed": seed,
+    }
+
+
 def run_demo(
     root: Path,
     out: Path,
@@ -122,6 +188,7 @@ def run_demo(
 ) -> dict[str, Any]:
     """Build the family under `root`, merge and evaluate into `out`; return the results."""
     from alloy.adapters.combine import combine_adapters
+    from alloy.improve import improve
     from alloy.io.atomic import AtomicFolder
     from alloy.merge.api import merge
     from alloy.soup import make_soup
@@ -215,6 +282,23 @@ def run_demo(
         models["merge:lora-linear"] = tmp / "merges" / "lora-linear"
         timings["adapters_s"] = time.perf_counter() - t
 
+        # Self-improvement: a reward model that prefers the soup domain's prose, and one RAFT
+        # iteration (alloy improve): the small base's best-of-4 continuations by that reward
+        # become its fine-tuning data.
+        t = time.perf_counter()
+        say(f"reward model preferring {domain} (alloy train, objective: reward)")
+        work = tmp / "improve"
+        files = improve_files(corpus, domains, domain, work)
+        reward = work / f"reward-{domain}"
+        train(reward_recipe(family, files["pairs"], settings, root, seed), reward)
+        say("RAFT: best of 4 samples by that reward, then SFT (alloy improve)")
+        loop = raft_recipe(family, files["prompts"], reward, settings, root, seed)
+        (tmp / "recipes" / f"raft-{domain}.yaml").write_text(yaml.safe_dump(loop, sort_keys=False))
+        improved = improve(loop, work / f"raft-{domain}", say=lambda m: None)
+        iteration = improved["iterations"][0]
+        models[f"improve:raft-{domain}"] = Path(iteration["model"])
+        timings["improve_s"] = time.perf_counter() - t
+
         t = time.perf_counter()
         sets = load_eval_sets([corpus / d / "test.jsonl" for d in domains])
         results = {}
@@ -243,6 +327,11 @@ def run_demo(
             "timings": timings,
             "family": {k: v.get("final_loss") for k, v in record["models"].items()},
             "greedy_soup": [p.name for p in soup.chosen_paths],
+            "raft": {
+                "reward_before": iteration["score"]["mean"],
+                "reward_kept": iteration["runs"][0]["kept_score"],
+                "kept": iteration["runs"][0]["kept"],
+            },
             "proxy_samples": samples,
             "results": results,
         }
