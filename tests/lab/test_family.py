@@ -171,6 +171,7 @@ def test_demo_merges_and_scores_every_model(tmp_path: Path) -> None:
         "train:distill-experts",
         *(f"lora:{d}" for d in corpus.DOMAINS),
         "merge:lora-linear",
+        "improve:raft-fiction",
         "ensemble:proxy-fiction",
     ]
     for row in rows.values():
@@ -185,7 +186,12 @@ def test_demo_merges_and_scores_every_model(tmp_path: Path) -> None:
         "experts-mixture.yaml",
         "distill-experts.yaml",
         *(f"lora-{d}.yaml" for d in corpus.DOMAINS),
+        "raft-fiction.yaml",
     }
+    # RAFT fine-tuned on each prompt's best of 4 by the reward model: above the samples' mean
+    raft = payload["raft"]
+    prompts = (out / "improve" / "prompts.jsonl").read_text().splitlines()
+    assert raft["kept"] == len(prompts) and raft["reward_kept"] > raft["reward_before"]
     # each LoRA expert (the base frozen, an adapter trained) beats the base on its own domain
     for d in corpus.DOMAINS:
         assert rows[f"lora:{d}"][d]["perplexity"] < rows["base"][d]["perplexity"], d

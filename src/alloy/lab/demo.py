@@ -124,7 +124,8 @@ def improve_files(corpus: Path, domains: list[str], liked: str, work: Path) -> d
     pairs = []
     for i in range(96):
         other = passages(others[i % len(others)], "train", 40)
-        pairs.append({"prompt": "", "chosen": liked_texts[i], "rejected": other[i]})
+        pair = {"chosen": liked_texts[i % len(liked_texts)], "rejected": other[i % len(other)]}
+        pairs.append({"prompt": "", **pair})
     prompts = [{"prompt": text} for d in domains for text in passages(d, "validation", 3)[:8]]
     work.mkdir(parents=True, exist_ok=True)
     files = {"pairs": work / "pairs.jsonl", "prompts": work / "prompts.jsonl"}
@@ -147,7 +148,7 @@ def reward_recipe(
         "optimizer": {"name": "adamw", "weight_decay": 0.0},
         "max_steps": 40,
         "batch_size": preset.batch,
-        "sequence_length": 64,
+        "sequence_length": min(64, preset.seq_len),
         "seed": seed,
     }
 
@@ -163,14 +164,19 @@ def raft_recipe(
         "policy": str(family / "small" / "base"),
         "prompts": str(prompts),
         "iterations": 1,
-        "sample": {"k": 4, "max_new_tokens": 32, "temperature": 1.0, "batch_size": 32},
+        "sample": {
+            "k": 4,
+            "max_new_tokens": min(32, preset.seq_len // 2),
+            "temperature": 1.0,
+            "batch_size": 32,
+        },
         "score": {"reward": [str(reward)]},
         "select": {"top_k": 1},
         "train": {
-            "schedule": {"name": "constant", "lr": stage.lr / 2},
-            "max_steps": 20,
+            "schedule": {"name": "constant", "lr": stage.lr / 10},
+            "max_steps": 10,
             "batch_size": preset.batch,
-            "sequence_length": 64,
+            "sequence_length": min(64, preset.seq_len),
         },
         "lab": str(root),
         "seed": seed,
