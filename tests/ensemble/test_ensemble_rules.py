@@ -159,3 +159,18 @@ def test_filters_accept_logits(settings: dict[str, float]) -> None:
     logits = torch.randn(4, 20, generator=torch.Generator().manual_seed(5)) * 3 + 7
     expected = apply_filters(torch.log_softmax(logits, -1), settings)
     torch.testing.assert_close(apply_filters(logits, settings), expected)
+
+
+# Per row: a nucleus inside the top 64 (8), one beyond it (0.5), and a batch mixing both.
+@pytest.mark.parametrize("scales", [[8.0] * 6, [0.5] * 6, [8.0, 0.5, 0.5, 8.0, 8.0, 0.5]])
+def test_top_p_partial_sort_keeps_what_a_full_sort_keeps(scales: list[float]) -> None:
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 3000, generator=g) * torch.tensor(scales)[:, None]
+    logprobs = torch.log_softmax(logits, dim=-1)
+    ranked, order = torch.sort(logprobs, dim=-1, descending=True)
+    above = torch.cumsum(ranked.exp(), dim=-1) - ranked.exp()
+    keep = torch.zeros_like(logprobs, dtype=torch.bool).scatter(-1, order, above < 0.9)
+    got = top_p(logprobs, 0.9)
+    assert torch.equal(torch.isfinite(got), keep)
+    expected = torch.log_softmax(logprobs.masked_fill(~keep, float("-inf")), dim=-1)
+    assert torch.allclose(got[keep], expected[keep], atol=1e-6)

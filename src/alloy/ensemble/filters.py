@@ -42,12 +42,27 @@ def top_p(logprobs: torch.Tensor, p: float) -> torch.Tensor:
     logprobs = torch.log_softmax(logprobs, dim=-1)  # the mass needs probabilities
     if p >= 1.0:
         return logprobs
-    ranked, order = torch.sort(logprobs, dim=-1, descending=True)  # (B, V)
+    vocab = logprobs.shape[-1]
+    # A peaked nucleus is a few dozen tokens: rank only each row's top 64 (a partial sort, far
+    # cheaper than sorting the vocabulary), and fully sort just the rows whose top 64 hold less
+    # than p. The kept set is the same as a full sort's (up to the order of exactly tied
+    # probabilities).
+    out = torch.full_like(logprobs, NEG_INF)
+    ranked, order = torch.topk(logprobs, min(64, vocab), dim=-1)  # (B, m), descending
+    short = torch.cumsum(ranked.exp(), dim=-1)[:, -1] < p  # (B,) rows needing the full sort
+    out.scatter_(-1, order, _nucleus(ranked, p))
+    if bool(short.any()):
+        rows = short.nonzero().squeeze(1)
+        ranked, order = torch.sort(logprobs[rows], dim=-1, descending=True)
+        out[rows] = torch.full_like(ranked, NEG_INF).scatter(-1, order, _nucleus(ranked, p))
+    return torch.log_softmax(out, dim=-1)
+
+
+def _nucleus(ranked: torch.Tensor, p: float) -> torch.Tensor:
+    """Descending log-probabilities with the tokens outside the nucleus set to -inf."""
     probs = ranked.exp()
     above = torch.cumsum(probs, dim=-1) - probs  # mass strictly above each ranked token
-    drop_ranked = above >= p
-    drop = torch.zeros_like(drop_ranked).scatter(-1, order, drop_ranked)
-    return torch.log_softmax(logprobs.masked_fill(drop, NEG_INF), dim=-1)
+    return ranked.masked_fill(above >= p, NEG_INF)
 
 
 def min_p(logprobs: torch.Tensor, p: float) -> torch.Tensor:
