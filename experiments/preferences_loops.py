@@ -521,6 +521,10 @@ def section_self_reward(payload: dict[str, Any]) -> str:
             if max(m["agreement"] for m in payload["models"]) < 0.55
             else "The judge agrees with the labels above chance."
         ),
+        f"- DPO fitted its self-judged pairs (final loss {payload['iterations'][-1]['loss']:.3f} "
+        "against log 2 = 0.693 at the start): the model learned its own preferences, and they "
+        "did not carry over to the labelled ones. The run is small (16 pairs per iteration), "
+        "sized to the CPU.",
         f'- In the paper\'s `generate` mode the model wrote a readable "Score: N" for '
         f"{payload['generate_readable']} of {payload['generate_checked']} judgements of its "
         "own answers, which is why this run uses `expected` mode.",
