@@ -47,7 +47,7 @@ def improve_command(
     on_interrupt(f"finished iterations stay in {out}; run the same command to continue")
     report = improve(plan, out, force=force, say=(lambda m: None) if quiet else typer.echo)
     if not quiet:
-        from alloy.improve.loop import markdown
+        from alloy.improve.report import markdown
 
         typer.echo(markdown(report))
     typer.echo(f"wrote {out}")

@@ -12,12 +12,15 @@ deterministic order.
   reward units or as a quantile of the Grow step's scores (reward scales are arbitrary).
 - Self-rewarding (Yuan et al. 2024, https://arxiv.org/abs/2401.10020) pairs each prompt's
   highest- and lowest-scored samples, and drops prompts whose two scores tie.
+
+`sft_record` and `pair_record` lay out what is kept as training data.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 Scores = Sequence[Sequence[float | None]]
 Index = tuple[int, int]
@@ -88,3 +91,30 @@ def agreement(chosen: Sequence[float | None], rejected: Sequence[float | None]) 
             wins += 1
     n = len(chosen)
     return {"accuracy": (wins + 0.5 * ties) / n, "strict": wins / n, "ties": ties / n, "pairs": n}
+
+
+def sft_record(prompt: str, answer: str, template: str | None) -> dict[str, Any]:
+    """A kept answer as training data laid out as it was sampled: chat messages under the chat
+    template, else the templated prompt and the answer as its completion."""
+    if template == "chat":
+        return {
+            "messages": [
+                {"role": "user", "content": prompt},
+                {"role": "assistant", "content": answer},
+            ]
+        }
+    return {"prompt": _templated(prompt, template), "completion": answer}
+
+
+def pair_record(prompt: str, chosen: str, rejected: str, template: str | None) -> dict[str, Any]:
+    if template == "chat":
+        return {
+            "prompt": [{"role": "user", "content": prompt}],
+            "chosen": [{"role": "assistant", "content": chosen}],
+            "rejected": [{"role": "assistant", "content": rejected}],
+        }
+    return {"prompt": _templated(prompt, template), "chosen": chosen, "rejected": rejected}
+
+
+def _templated(prompt: str, template: str | None) -> str:
+    return prompt if template is None else template.replace("{prompt}", prompt)
