@@ -34,7 +34,7 @@ from pydantic import Field, model_validator
 
 from alloy.errors import ProblemCollector, RecipeError
 from alloy.io.yamlfile import StrictModel, read_recipe, validate_schema
-from alloy.train.recipe import DataEntry, _as_entry, load_train_recipe, source_path
+from alloy.train.recipe import DataEntry, data_shorthand, load_train_recipe, source_path
 
 Number = float | int
 Method = Literal["raft", "rest", "self_reward"]
@@ -102,9 +102,7 @@ class EvalEntry(StrictModel):
     @model_validator(mode="before")
     @classmethod
     def _shorthand(cls, value: Any) -> Any:
-        if isinstance(value, dict) and isinstance(value.get("data"), list):
-            value = {**value, "data": [_as_entry(d, "path") for d in value["data"]]}
-        return value
+        return data_shorthand(value)
 
 
 class ImproveRecipe(StrictModel):

@@ -60,6 +60,13 @@ def _as_entry(value: Any, key: str) -> Any:
     return {key: value} if isinstance(value, str) else value
 
 
+def data_shorthand(value: Any) -> Any:
+    """A section's `data:` list with bare strings read as `{path: string}`."""
+    if isinstance(value, dict) and isinstance(value.get("data"), list):
+        value = {**value, "data": [_as_entry(d, "path") for d in value["data"]]}
+    return value
+
+
 class DataEntry(_Strict):
     name: str | None = None
     path: str | None = None
@@ -135,9 +142,7 @@ class EvalEntry(_Strict):
     @model_validator(mode="before")
     @classmethod
     def _shorthand(cls, value: Any) -> Any:
-        if isinstance(value, dict) and isinstance(value.get("data"), list):
-            value = {**value, "data": [_as_entry(d, "path") for d in value["data"]]}
-        return value
+        return data_shorthand(value)
 
 
 class CheckpointEntry(_Strict):

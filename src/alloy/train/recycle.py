@@ -47,7 +47,14 @@ from pydantic import Field, model_validator
 
 from alloy.errors import OutputExistsError, ProblemCollector, RecipeError
 from alloy.io.yamlfile import read_recipe, validate_schema
-from alloy.train.recipe import DataEntry, EvalEntry, _as_entry, _Strict, load_train_recipe
+from alloy.train.recipe import (
+    DataEntry,
+    EvalEntry,
+    _as_entry,
+    _Strict,
+    data_shorthand,
+    load_train_recipe,
+)
 
 PIPELINE_FILE = "pipeline.json"
 
@@ -60,9 +67,7 @@ class AuxiliaryEntry(_Strict):
     @model_validator(mode="before")
     @classmethod
     def _shorthand(cls, value: Any) -> Any:
-        if isinstance(value, dict) and isinstance(value.get("data"), list):
-            value = {**value, "data": [_as_entry(d, "path") for d in value["data"]]}
-        return value
+        return data_shorthand(value)
 
 
 class CombineEntry(_Strict):
@@ -72,9 +77,7 @@ class CombineEntry(_Strict):
     @model_validator(mode="before")
     @classmethod
     def _shorthand(cls, value: Any) -> Any:
-        if isinstance(value, dict) and isinstance(value.get("data"), list):
-            value = {**value, "data": [_as_entry(d, "path") for d in value["data"]]}
-        return value
+        return data_shorthand(value)
 
 
 class RecycleRecipe(_Strict):
