@@ -75,7 +75,7 @@ def test_generate_input_errors(
 def test_rules_lists_every_rule(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["rules", "--json"]) == 0
     names = {r["name"] for r in json.loads(capsys.readouterr().out)}
-    assert names == {"linear", "log_linear", "proxy_tuning", "dexperts", "contrastive"}
+    assert names == {"linear", "log_linear", "proxy_tuning", "dexperts", "contrastive", "dola"}
 
 
 def test_eval_compares_an_ensemble_with_its_member(lively: dict[str, Path], tmp_path: Path) -> None:

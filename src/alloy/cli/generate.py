@@ -43,8 +43,16 @@ def read_prompts(prompts: list[str], prompts_file: Path | None) -> list[str]:
     return out
 
 
-def load_target(target: Path, *, device: str | None, allow_pickle: bool) -> Any:
-    """An `Ensemble` from a recipe, or a one-member ensemble of a model folder."""
+def load_target(
+    target: Path,
+    *,
+    device: str | None,
+    allow_pickle: bool,
+    rule: str | None = None,
+    layers: str | None = None,
+) -> Any:
+    """An `Ensemble` from a recipe, or a one-member ensemble of a model folder (decoded with
+    `rule`, linear by default: the model itself; dola contrasts its `layers`)."""
     from alloy.ensemble import Ensemble, is_recipe_path
 
     if is_recipe_path(target):
@@ -55,7 +63,13 @@ def load_target(target: Path, *, device: str | None, allow_pickle: bool) -> Any:
         raise InputError(
             f"{target}: neither an ensemble recipe (.yaml) nor a model folder (no config.json)"
         )
-    recipe = {"rule": "linear", "members": [{"model": str(target)}], "name": str(target)}
+    recipe: dict[str, Any] = {
+        "rule": rule or "linear",
+        "members": [{"model": str(target)}],
+        "name": str(target) if rule is None else f"{rule}({target})",
+    }
+    if layers is not None:
+        recipe["layers"] = layers
     return Ensemble.from_recipe(recipe, device=device, allow_pickle=allow_pickle)
 
 
@@ -81,6 +95,18 @@ def generate_command(
     stop: Annotated[
         list[str] | None, typer.Option("--stop", help="Stop string; repeat for more.")
     ] = None,
+    repetition_penalty: Annotated[
+        float | None,
+        typer.Option(help="Penalise tokens already in the text (> 1; DoLa's paper uses 1.2)."),
+    ] = None,
+    rule: Annotated[
+        str | None,
+        typer.Option(help="With a model folder: decode with this rule (dola; see alloy rules)."),
+    ] = None,
+    layers: Annotated[
+        str | None,
+        typer.Option(help="dola: the early layers to contrast: low, high (default) or 0,4,8."),
+    ] = None,
     batch_size: Annotated[int, typer.Option(help="Prompts decoded together.")] = 8,
     out: Annotated[
         Path | None, typer.Option("--out", "-o", help="Also write JSONL, one line per prompt.")
@@ -92,7 +118,11 @@ def generate_command(
 ) -> None:
     """Continue prompts with an ensemble recipe's members and rule (or one model).
 
-    Flags override the recipe's `sampling` settings.
+    Flags override the recipe's `sampling` settings. With a model folder, `--rule dola` decodes
+    by contrasting its final layer with its early layers (`--layers`).
+
+    Example: alloy generate runs/lab/models/smollm2-135m -p "The capital of France is"
+    --rule dola --layers high --repetition-penalty 1.2
     """
     from alloy.cli.eval import device_problems, ensemble_problems, weight_problems
     from alloy.ensemble.recipe import is_recipe_path
@@ -114,21 +144,32 @@ def generate_command(
     given = {k: v for k, v in warpers.items() if v is not None}
     problems += [Problem(f"--{k.replace('_', '-')}", m) for k, m in check_filters(given)]
     # A truncated weight file or a device that is not here is named now, not by the loader.
+    if repetition_penalty is not None and repetition_penalty <= 0:
+        message = f"must be positive, got {repetition_penalty}"
+        problems.append(Problem("--repetition-penalty", message))
     if is_recipe_path(target):
         problems += ensemble_problems(target, allow_pickle)
+        for flag, value in (("--rule", rule), ("--layers", layers)):
+            if value is not None:
+                problems.append(Problem(flag, "only with a model folder", "set it in the recipe"))
     else:
         problems += weight_problems(target, allow_pickle)
+        problems += _rule_problems(rule, layers)
     if problems:
         raise InputError("cannot generate", problems)
     quiet_transformers()
-    ensemble = load_target(target, device=device, allow_pickle=allow_pickle)
+    ensemble = load_target(
+        target, device=device, allow_pickle=allow_pickle, rule=rule, layers=layers
+    )
     overrides: dict[str, Any] = {**given}
-    for key, value in (
+    flags: list[tuple[str, Any]] = [
         ("max_new_tokens", max_new_tokens),
         ("do_sample", sample),
         ("seed", seed),
         ("stop", tuple(stop) if stop else None),
-    ):
+        ("repetition_penalty", repetition_penalty),
+    ]
+    for key, value in flags:
         if value is not None:
             overrides[key] = value
     generations = ensemble.generate(prompts, batch_size=batch_size, **overrides)
@@ -137,6 +178,32 @@ def generate_command(
         console.print(f"[dim]{escape(g.prompt)}[/]{escape(g.text)}  [dim]({g.finish_reason})[/]")
     if out is not None:
         write_file(out, "".join(json.dumps(g.as_dict()) + "\n" for g in generations), "--out")
+
+
+def _rule_problems(rule: str | None, layers: str | None) -> list[Problem]:
+    """--rule for one model folder: a rule that needs one model (linear, dola); --layers only
+    with dola, well formed."""
+    from alloy.ensemble.layers import parse_layers
+    from alloy.ensemble.rules import RULES
+    from alloy.errors import did_you_mean
+
+    problems = []
+    spec = RULES.get(rule or "linear")
+    if spec is None:
+        hint = did_you_mean(str(rule), RULES, "rules")
+        problems.append(Problem("--rule", f"unknown rule {rule!r}", hint))
+    elif spec.roles is not None:
+        needs = ", ".join(spec.roles)
+        hint = "write an ensemble recipe naming each member"
+        problems.append(Problem("--rule", f"{rule} needs members {needs}", hint))
+    if layers is not None:
+        if spec is not None and not spec.layers:
+            problems.append(Problem("--layers", "only with --rule dola", None))
+        try:
+            parse_layers(layers)
+        except ValueError as error:
+            problems.append(Problem("--layers", str(error), "low, high or 0,4,8"))
+    return problems
 
 
 @app.command("rules")
@@ -149,7 +216,7 @@ def rules_command(
     described: list[dict[str, Any]] = [
         {
             "name": r.name,
-            "members": list(r.roles) if r.roles else "any, weighted",
+            "members": list(r.roles) if r.roles else ("one model" if r.layers else "any, weighted"),
             "parameters": r.params,
             "ranges": {k: str(v) for k, v in r.ranges.items()},
             "summary": r.summary,

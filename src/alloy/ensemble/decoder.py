@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import torch
 
-from alloy.ensemble.filters import apply_filters
+from alloy.ensemble.filters import apply_filters, repetition_penalty
 from alloy.errors import NonFiniteError, Problem
 
 FinishReason = Literal["eos", "stop", "length"]
@@ -37,6 +37,7 @@ class Sampling:
     seed: int = 0
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    repetition_penalty: float | None = None  # > 1 discourages tokens the row has seen
 
     def warpers(self) -> dict[str, float]:
         settings = {
@@ -99,8 +100,17 @@ def decode(
         states.append(state)
         scores.append(first)
     alive = list(range(len(prompts)))  # rows still decoding -> index into results
+    penalty = sampling.repetition_penalty
+    seen = None  # (B, V) True for tokens already in a row (its prompt included)
+    if penalty is not None and penalty != 1.0:
+        seen = torch.zeros((len(prompts), ensemble.vocab), dtype=torch.bool, device=device)
+        for row, prompt in enumerate(prompts):
+            ids = [i for i in members[0].encode_prompt(prompt) if i < ensemble.vocab]
+            seen[row, torch.tensor(ids, dtype=torch.long)] = True
     for step in range(1, sampling.max_new_tokens + 1):
         logprobs = ensemble.combine(scores)  # (B, V)
+        if seen is not None:
+            logprobs = repetition_penalty(logprobs, seen, float(penalty or 1.0))
         if warpers:
             logprobs = apply_filters(logprobs, warpers)
         if sampling.do_sample:
@@ -108,6 +118,8 @@ def decode(
         else:
             tokens = logprobs.argmax(dim=-1)  # (B,)
         picked = tokens.tolist()  # the one host sync per step
+        if seen is not None:
+            seen[torch.arange(len(picked), device=device), tokens.to(device)] = True
         finished = []
         for row, token in enumerate(picked):
             result = results[alive[row]]
@@ -131,6 +143,8 @@ def decode(
             for member, state in zip(members, states, strict=True):
                 member.keep_rows(state, keep, len(alive))
             tokens = tokens[keep.to(tokens.device)]
+            if seen is not None:
+                seen = seen[keep.to(device)]
             alive = [alive[row] for row in keep_rows]
         scores = [m.step(s, tokens) for m, s in zip(members, states, strict=True)]
     for result in results:

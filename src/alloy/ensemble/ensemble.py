@@ -42,6 +42,7 @@ class Ensemble:
         sampling: Sampling | None = None,
         name: str | None = None,
         device: str | torch.device | None = None,
+        layers: str | Sequence[int] | None = None,
     ) -> None:
         self.rule = get_rule(rule)
         problems = parameter_problems(self.rule, params or {})
@@ -56,6 +57,11 @@ class Ensemble:
         self.tokenizer = self.members[0].tokenizer
         self.max_length = min(m.max_length for m in self.members)
         self.name = name or f"{rule}({', '.join(m.name for m in self.members)})"
+        self.layers: tuple[int, ...] = ()  # a layer rule's early exits
+        if self.rule.layers:
+            self.layers = _use_exits(self.rule.name, self.members, layers)
+        elif layers is not None:
+            raise InputError(f"layers are for rules that contrast layers (dola), not {rule}")
         if self.rule.weighted:
             weights = [m.spec.weight for m in self.members]
             uniform = 1.0 / len(self.members)
@@ -84,14 +90,14 @@ class Ensemble:
 
     def combine(self, scores: Sequence[torch.Tensor]) -> torch.Tensor:
         """K members' (N, V) scores (logits or log-probs) -> (N, V) combined log-probs: member
-        filters, then the rule (which normalises each member)."""
-        moved = [s.to(self.device) for s in scores]  # members may sit on other devices
-        stacked = torch.stack(
-            [
-                apply_filters(s, m.spec.filters) if m.spec.filters else s
-                for m, s in zip(self.members, moved, strict=True)
-            ]
-        )  # (K, N, V)
+        filters, then the rule (which normalises each member). A member with early exits gives
+        (N, 1 + E, V): its final layer and each exit enter the rule as members of their own."""
+        views = []  # one (N, V) per member, or per layer of a member with early exits
+        for m, s in zip(self.members, scores, strict=True):
+            s = s.to(self.device)  # members may sit on other devices
+            for view in s.unbind(-2) if m.exits is not None else (s,):
+                views.append(apply_filters(view, m.spec.filters) if m.spec.filters else view)
+        stacked = torch.stack(views)  # (K, N, V)
         if self.rule.weighted:
             return self.rule.fn(stacked, weights=self.weights)
         return self.rule.fn(stacked, **self.params)
@@ -115,6 +121,14 @@ class Ensemble:
     @torch.inference_mode()
     def token_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """The eval `Scorer` protocol: (B, T) -> (B, T) log p(ids[t] | ids[:t]) under the rule."""
+        if self.layers and input_ids.shape[0] > 1:
+            # Early exits hold (T, 1 + E, V) scores per row: score one row at a time.
+            return torch.cat(
+                [
+                    self.token_logprobs(input_ids[b : b + 1], attention_mask[b : b + 1])
+                    for b in range(input_ids.shape[0])
+                ]
+            )
         per_member = [m.sequence_scores(input_ids, attention_mask) for m in self.members]
         out = torch.zeros(input_ids.shape, dtype=torch.float32)
         targets = input_ids[:, 1:].to(self.device)
@@ -168,6 +182,7 @@ class Ensemble:
             sampling=recipe.to_sampling(),
             name=recipe.name,
             device=device or recipe.device,
+            layers=recipe.layers,
         )
 
     @classmethod
@@ -194,6 +209,28 @@ class Ensemble:
             members.append(entry)
         recipe = {"rule": rule, "members": members, "parameters": dict(parameters or {})}
         return cls.from_recipe(recipe, device=device)
+
+
+def _use_exits(
+    rule: str, members: Sequence[Member], layers: str | Sequence[int] | None
+) -> tuple[int, ...]:
+    """Resolve a layer rule's candidate layers on its one member and switch its exits on."""
+    from alloy.ensemble.layers import candidate_layers, parse_layers
+
+    if len(members) != 1:
+        raise InputError(f"{rule} contrasts the layers of one model; got {len(members)} members")
+    member = members[0]
+    try:
+        wanted = parse_layers("high" if layers is None else layers)
+    except ValueError as error:
+        raise InputError(f"layers: {error}") from None
+    model = member.model
+    config = model.config.get_text_config()
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    tied = head is not None and embed is not None and head.weight is embed.weight
+    chosen = candidate_layers(wanted, int(config.num_hidden_layers), tied)
+    member.use_exits(chosen)
+    return chosen
 
 
 def _has_dropout(model: Any) -> bool:

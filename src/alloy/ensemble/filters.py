@@ -74,6 +74,17 @@ def min_p(logprobs: torch.Tensor, p: float) -> torch.Tensor:
     return torch.log_softmax(logprobs.masked_fill(logprobs < threshold, NEG_INF), dim=-1)
 
 
+def repetition_penalty(logprobs: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL's repetition penalty (Keskar et al., 2019, https://arxiv.org/abs/1909.05858) on the
+    tokens a row has already seen (`seen`: (B, V) bool): a score s becomes s * penalty when s < 0
+    and s / penalty otherwise, then the row is normalised. On log-probabilities (never positive)
+    that multiplies a seen token's log-probability by `penalty`; transformers applies the same
+    map to raw logits, so on a plain model the two differ. DoLa's decoding uses 1.2."""
+    scores = torch.log_softmax(logprobs, dim=-1)
+    penalised = torch.where(scores < 0, scores * penalty, scores / penalty)
+    return torch.log_softmax(torch.where(seen, penalised, scores), dim=-1)
+
+
 @dataclass(frozen=True)
 class FilterSpec:
     fn: Callable[[torch.Tensor, float], torch.Tensor]

@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 import torch
 
+from alloy.ensemble.layers import EarlyExits
 from alloy.errors import IncompatibleModelsError, Problem
 from alloy.eval.scorer import load_pretrained, start_ids
 
@@ -62,6 +63,19 @@ class Member:
         self.device = device
         self.vocab = len(tokenizer)  # logits beyond this are embedding padding, sliced off
         self.name = spec.label
+        self.exits: EarlyExits | None = None  # DoLa: scores of early layers too (layers.py)
+
+    def use_exits(self, layers: tuple[int, ...]) -> None:
+        """From now on score the final layer and the early exits `layers`: every score tensor
+        gains an exit axis before V (final layer first), which `Ensemble.combine` splits."""
+        self.exits = EarlyExits(self.model, layers, self.vocab)
+
+    def _scores(self, out: Any, last: bool) -> torch.Tensor:
+        """A forward's output -> (S*B, [T,] V') logits, or (S*B, [T,] 1 + E, V) with exits."""
+        logits = out.logits[:, -1] if last else out.logits
+        if self.exits is None:
+            return logits
+        return self.exits.logits(logits, out.hidden_states)
 
     @property
     def max_length(self) -> int:
@@ -124,9 +138,10 @@ class Member:
             past_key_values=cache,
             use_cache=True,
             logits_to_keep=1,
+            output_hidden_states=self.exits is not None,
         )
         state = DecodeState(out.past_key_values, mask, position[:, -1:] + 1)
-        return self._pool(out.logits[:, -1], rows), state
+        return self._pool(self._scores(out, last=True), rows), state
 
     @torch.inference_mode()
     def step(self, state: DecodeState, tokens: torch.Tensor) -> torch.Tensor:
@@ -143,10 +158,11 @@ class Member:
             past_key_values=state.cache,
             use_cache=True,
             logits_to_keep=1,
+            output_hidden_states=self.exits is not None,
         )
         state.cache = out.past_key_values
         state.position = state.position + 1
-        return self._pool(out.logits[:, -1], rows)
+        return self._pool(self._scores(out, last=True), rows)
 
     def keep_rows(self, state: DecodeState, keep: torch.Tensor, rows: int) -> None:
         """Drop finished rows: keep only `keep` (indices into the current B = `rows` rows)."""
@@ -163,7 +179,8 @@ class Member:
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """(B, T) right-padded ids -> (B, T, V) fp32 scores of the token after each position.
+        """(B, T) right-padded ids -> (B, T, V) fp32 scores of the token after each position
+        ((B, T, 1 + E, V) with early exits).
 
         `position_ids` (restarting per packed document) may replace or join the mask."""
         samples = self.spec.samples
@@ -171,8 +188,8 @@ class Member:
         for key, value in (("attention_mask", attention_mask), ("position_ids", position_ids)):
             if value is not None:
                 inputs[key] = value.to(self.device).repeat(samples, 1)  # (S*B, T)
-        logits = self.model(**inputs, use_cache=False).logits  # (S*B, T, V')
-        return self._pool(logits, input_ids.shape[0])
+        out = self.model(**inputs, use_cache=False, output_hidden_states=self.exits is not None)
+        return self._pool(self._scores(out, last=False), input_ids.shape[0])
 
 
 def load_member(

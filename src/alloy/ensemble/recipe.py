@@ -60,6 +60,7 @@ class SamplingEntry(_Strict):
     seed: int = 0
     stop: list[str] = Field(default_factory=list)
     ignore_eos: bool = False
+    repetition_penalty: Number | None = Field(default=None, gt=0)
 
 
 class EnsembleRecipe(_Strict):
@@ -71,6 +72,7 @@ class EnsembleRecipe(_Strict):
     members: list[MemberEntry] = Field(min_length=1)
     sampling: SamplingEntry = Field(default_factory=SamplingEntry)
     device: str | None = None
+    layers: str | list[int] | None = None  # dola: low | high | [0, 4, 8] (default high)
 
     def member_specs(self) -> list[MemberSpec]:
         """The members in the rule's role order, with weights filled in (uniform by default)."""
@@ -112,6 +114,9 @@ class EnsembleRecipe(_Strict):
             seed=s.seed,
             stop=tuple(s.stop),
             ignore_eos=s.ignore_eos,
+            repetition_penalty=None
+            if s.repetition_penalty is None
+            else float(s.repetition_penalty),
         )
 
 
@@ -154,6 +159,7 @@ def _issues(recipe: EnsembleRecipe, check_paths: bool) -> list[tuple[str, str, s
     for key, message, advice in parameter_problems(spec, recipe.parameters):
         issues.append((f"parameters.{key}", message, advice))
     members = recipe.members
+    issues += _layer_issues(recipe, check_paths)  # dola: one member, no role or weight
     if spec.roles is not None:
         roles = [m.role for m in members]
         for i, m in enumerate(members):
@@ -168,7 +174,7 @@ def _issues(recipe: EnsembleRecipe, check_paths: bool) -> list[tuple[str, str, s
             if roles.count(role) != 1:
                 found = f"needs exactly one {role!r} member, found {roles.count(role)}"
                 issues.append(("members", found, None))
-    else:
+    elif spec.weighted:
         issues += _weight_issues(recipe)
     for i, m in enumerate(members):
         if check_paths and not (split_spec(m.model)[0] / "config.json").is_file():
@@ -190,6 +196,48 @@ def _issues(recipe: EnsembleRecipe, check_paths: bool) -> list[tuple[str, str, s
     if warpers and not s.do_sample and set(warpers) != {"temperature"}:
         message = "top_k/top_p/min_p only matter when sampling"
         issues.append(("sampling", message, "set do_sample: true"))
+    return issues
+
+
+def _layer_issues(recipe: EnsembleRecipe, check_paths: bool) -> list[tuple[str, str, str | None]]:
+    """A layer rule (dola): one member, no role, weight or filters; `layers` well formed and, when
+    the member's config is readable, within its depth."""
+    import json
+    from pathlib import Path
+
+    from alloy.adapters import split_spec
+    from alloy.ensemble.layers import parse_layers
+
+    spec = RULES[recipe.rule]
+    if not spec.layers:
+        if recipe.layers is not None:
+            return [("layers", f"{spec.name} does not contrast layers", "only rule: dola does")]
+        return []
+    issues: list[tuple[str, str, str | None]] = []
+    if len(recipe.members) != 1:
+        found = f"{spec.name} contrasts the layers of one model, found {len(recipe.members)}"
+        issues.append(("members", found, "keep one member"))
+    for i, m in enumerate(recipe.members):
+        for key, value in (("role", m.role), ("weight", m.weight)):
+            if value is not None:
+                issues.append((f"members.{i}.{key}", f"{spec.name} takes no {key}", "remove it"))
+        if m.filters:
+            hint = "use sampling: {temperature, top_k, ...} (warpers act after the rule)"
+            issues.append((f"members.{i}.filters", f"{spec.name} compares unfiltered layers", hint))
+    try:
+        layers = parse_layers("high" if recipe.layers is None else recipe.layers)
+    except ValueError as error:
+        return [*issues, ("layers", str(error), "low, high or a list such as [0, 4, 8]")]
+    config = split_spec(recipe.members[0].model)[0] / "config.json"
+    if isinstance(layers, tuple) and check_paths and config.is_file():
+        try:
+            depth = json.loads(Path(config).read_text()).get("num_hidden_layers")
+        except (OSError, ValueError):
+            depth = None  # the member's own check reports an unreadable config
+        bad = [j for j in layers if isinstance(depth, int) and not 0 <= j < depth]
+        if bad:
+            hint = f"early layers of this model are 0..{depth - 1} (0: the embeddings)"
+            issues.append(("layers", f"{bad} out of range", hint))
     return issues
 
 

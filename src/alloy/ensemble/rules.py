@@ -31,10 +31,11 @@ class RuleSpec:
     params: dict[str, float] = field(default_factory=dict)  # name -> default
     ranges: dict[str, Range] = field(default_factory=dict)  # name -> valid values
     signed_weights: bool = False  # weights may be negative (otherwise >= 0 and summing to 1)
+    layers: bool = False  # contrasts layers of one model: its final layer, then early exits
 
     @property
     def weighted(self) -> bool:
-        return self.roles is None
+        return self.roles is None and not self.layers
 
 
 RULES: dict[str, RuleSpec] = {}
@@ -45,6 +46,7 @@ def _rule(
     reference: str,
     roles: tuple[str, ...] | None = None,
     signed_weights: bool = False,
+    layers: bool = False,
     **params: tuple[float, Range],
 ) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
     """Register a rule; each keyword parameter is given as (default, valid range)."""
@@ -55,7 +57,7 @@ def _rule(
         defaults = {name: default for name, (default, _) in params.items()}
         ranges = {name: valid for name, (_, valid) in params.items()}
         RULES[fn.__name__] = RuleSpec(
-            fn.__name__, fn, summary, reference, roles, defaults, ranges, signed_weights
+            fn.__name__, fn, summary, reference, roles, defaults, ranges, signed_weights, layers
         )
         return fn
 
@@ -161,6 +163,50 @@ def contrastive(scores: torch.Tensor, *, beta: float, alpha: float) -> torch.Ten
     weights = torch.tensor([1.0 + beta, -beta], device=logprobs.device)
     total = _weighted_sum(logprobs, weights).masked_fill(expert < floor, NEG_INF)
     return _renormalise(total, expert)
+
+
+@_rule(
+    "DoLa: the final layer contrasted with the early layer that differs from it most (per token)",
+    "https://arxiv.org/abs/2309.03883",
+    layers=True,
+    alpha=(0.1, Range(0, 1)),  # the adaptive plausibility threshold; 0: every token
+    beta=(1.0, NON_NEGATIVE),  # strength of the contrast; 0 is the final layer alone
+)
+def dola(scores: torch.Tensor, *, alpha: float, beta: float) -> torch.Tensor:
+    """score(x) = log q_N(x) - beta log q_M(x) for x with q_N(x) >= alpha max q_N, -inf
+    otherwise, then normalised (Chuang et al., ICLR 2024, eq. 2-4); alpha 0 drops that head.
+    `scores[0]` is the model's final layer N, `scores[1:]` its candidate early exits; M is, for
+    each row, the candidate with the largest Jensen-Shannon divergence from the final layer
+    (`premature_layers`)."""
+    logprobs = normalise(scores)  # (1 + J, B, V)
+    mature = logprobs[0]
+    chosen = premature_layers(logprobs)  # (B,) index into the candidates
+    early = logprobs[1:].gather(0, chosen[None, :, None].expand(1, *mature.shape))[0]  # (B, V)
+    # alpha 0 keeps every token the final layer allows (scoring a text, not decoding one)
+    floor = mature.max(dim=-1, keepdim=True).values + (math.log(alpha) if alpha > 0 else NEG_INF)
+    total = (mature - beta * early.clamp(min=-1e30)).masked_fill(mature < floor, NEG_INF)
+    return _renormalise(total, mature)
+
+
+def premature_layers(logprobs: torch.Tensor) -> torch.Tensor:
+    """(1 + J, B, V) log-probabilities, final layer first -> (B,) index of the candidate farthest
+    from the final layer by `layer_divergences`; the first of tied candidates wins.
+    (transformers' DoLa picks one layer for the whole batch; this picks per row, as the paper
+    describes.)"""
+    return layer_divergences(logprobs).argmax(dim=0)
+
+
+def layer_divergences(logprobs: torch.Tensor) -> torch.Tensor:
+    """(1 + J, B, V) -> (J, B) JSD(q_N || q_j) = KL(q_N || m) / 2 + KL(q_j || m) / 2 with
+    m = (q_N + q_j) / 2, in nats."""
+    mature, early = logprobs[:1], logprobs[1:]  # (1, B, V), (J, B, V)
+    middle = torch.logaddexp(mature, early) - math.log(2.0)  # log m, (J, B, V)
+
+    def kl(lp: torch.Tensor) -> torch.Tensor:  # KL(p || m) summed over V; 0 log 0 = 0
+        terms = lp.exp() * (lp - middle)
+        return torch.where(lp == NEG_INF, 0.0, terms).sum(dim=-1)  # (J, B)
+
+    return 0.5 * kl(mature) + 0.5 * kl(early)
 
 
 def parameter_problems(
