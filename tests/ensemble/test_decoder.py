@@ -175,3 +175,15 @@ def test_dropout_member_does_not_share_a_plain_members_model(lively: dict[str, P
     plain, sampled = Ensemble.from_recipe(recipe).members
     assert plain.model is not sampled.model
     assert not plain.model.training and sampled.model.training
+
+
+def test_decoding_uses_the_current_cache_argument(lively: dict[str, Path]) -> None:
+    """No deprecation warning from transformers for the KV-cache keyword (`past_key_values` was
+    renamed `cache`; alloy passes whichever the installed release takes)."""
+    import warnings
+
+    ensemble = Ensemble.from_models([lively["a"]], rule="linear")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ensemble.generate(PROMPTS, max_new_tokens=4)
+    assert not [w for w in caught if "past_key_values" in str(w.message)]

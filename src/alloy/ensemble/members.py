@@ -12,6 +12,7 @@ Shapes: B rows, S samples of a dropout member, T tokens, V shared vocabulary.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -135,12 +136,12 @@ class Member:
             input_ids=ids,
             attention_mask=mask,
             position_ids=position,
-            past_key_values=cache,
+            **cache_argument(self.model, cache),
             use_cache=True,
             logits_to_keep=1,
             output_hidden_states=self.exits is not None,
         )
-        state = DecodeState(out.past_key_values, mask, position[:, -1:] + 1)
+        state = DecodeState(output_cache(out), mask, position[:, -1:] + 1)
         return self._pool(self._scores(out, last=True), rows), state
 
     @torch.inference_mode()
@@ -155,12 +156,12 @@ class Member:
             input_ids=ids,
             attention_mask=state.mask,
             position_ids=state.position,
-            past_key_values=state.cache,
+            **cache_argument(self.model, state.cache),
             use_cache=True,
             logits_to_keep=1,
             output_hidden_states=self.exits is not None,
         )
-        state.cache = out.past_key_values
+        state.cache = output_cache(out)
         state.position = state.position + 1
         return self._pool(self._scores(out, last=True), rows)
 
@@ -190,6 +191,25 @@ class Member:
                 inputs[key] = value.to(self.device).repeat(samples, 1)  # (S*B, T)
         out = self.model(**inputs, use_cache=False, output_hidden_states=self.exits is not None)
         return self._pool(self._scores(out, last=False), input_ids.shape[0])
+
+
+def cache_argument(model: Any, cache: Any) -> dict[str, Any]:
+    """The KV-cache keyword of `model`'s forward: `cache` in the transformers releases that
+    renamed it (5.2x; `past_key_values` then warns of its removal), `past_key_values` before."""
+    forward = type(model).forward
+    names = _FORWARD_PARAMETERS.get(forward)
+    if names is None:
+        names = _FORWARD_PARAMETERS[forward] = frozenset(inspect.signature(forward).parameters)
+    return {"cache" if "cache" in names else "past_key_values": cache}
+
+
+def output_cache(out: Any) -> Any:
+    """The KV cache a forward returned, under either name (see `cache_argument`)."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
+_FORWARD_PARAMETERS: dict[Any, frozenset[str]] = {}
 
 
 def load_member(
