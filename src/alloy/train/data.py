@@ -382,7 +382,7 @@ def bootstrap(source: TokenizedSource, seed: int) -> TokenizedSource:
     """A bootstrap resample of `source`: as many items, drawn uniformly with replacement
     (Breiman 1996, bagging), seeded."""
     n = source.items
-    picks = np.sort(np.random.default_rng([seed, n]).integers(0, n, size=n))
+    picks = bootstrap_picks(n, seed)
     lengths = np.diff(source.starts)[picks]
     starts = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(lengths, out=starts[1:])
@@ -401,6 +401,11 @@ def bootstrap(source: TokenizedSource, seed: int) -> TokenizedSource:
         source.cached,
         None if source.margins is None else source.margins[picks],
     )
+
+
+def bootstrap_picks(n: int, seed: int) -> np.ndarray:
+    """(n,) the items a bootstrap resample of n items takes, sorted."""
+    return np.sort(np.random.default_rng([seed, n]).integers(0, n, size=n))
 
 
 def cache_root() -> Path:

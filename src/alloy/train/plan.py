@@ -28,6 +28,7 @@ from alloy.train.adapter import (
 )
 from alloy.train.data import TokenizedSource, load_sources, resolve_sources
 from alloy.train.objectives import OBJECTIVES, ObjectiveSpec
+from alloy.train.order_data import order_sources
 from alloy.train.packing import (
     BlockRows,
     ExampleRows,
@@ -255,16 +256,15 @@ def plan_training(
             f"({cached} read from the token cache)"
         )
     kind = _row_kind(objective, tokenized)
-    rows: list[Rows] = []
     notes: list[str] = []
+    tokenized = order_sources([*new, *old], tokenized, kind, spec, tokenizer, notes)
+    rows: list[Rows] = []
     for j, source in enumerate(tokenized):
         if kind == "pairs":
             rows.append(_pair_rows(source, length, spec.seed, j, notes))
         elif kind == "blocks":
-            block = BlockRows(
-                source, length, seed=spec.seed, index=j, document_attention=spec.document_attention
-            )
-            rows.append(block)
+            own = spec.document_attention  # each document attends to its own tokens only
+            rows.append(BlockRows(source, length, seed=spec.seed, index=j, document_attention=own))
         else:
             example = ExampleRows(source, length, seed=spec.seed, index=j, pack=bool(spec.pack))
             if example.truncated:

@@ -6,6 +6,7 @@
       - {name: fiction, corpus: fiction}            # a lab corpus domain (split: train)
       - {name: notes, path: my/notes/, weight: 0.5} # text, folders of text, JSONL
     replay: {data: [{corpus: drama}], fraction: 0.05}   # old-distribution share of every batch
+    order: related                  # documents before packing: file | random | related (order.py)
     schedule: {name: rewarm, lr: 1e-3, min_lr: 1e-4, warmup: 20}
     optimizer: {name: adamw, weight_decay: 0.1, betas: [0.9, 0.95], max_grad_norm: 1.0}
     adapter: {type: lora, rank: 8, alpha: 16, target_modules: [q_proj, v_proj]}  # adapter.py
@@ -34,6 +35,7 @@ from pydantic import Field, model_validator
 from alloy.errors import ProblemCollector, RecipeError, did_you_mean
 from alloy.io.yamlfile import StrictModel, read_recipe, validate_schema
 from alloy.train.adapter import GALORE_OPTIMIZERS, AdapterEntry, adapter_issues, galore_issues
+from alloy.train.order import OrderEntry, order_issues
 from alloy.train.preference import PreferenceEntry, preference_issues
 from alloy.train.schedule_checks import Issue, schedule_issues
 
@@ -162,6 +164,7 @@ class TrainRecipe(_Strict):
     model: ModelEntry
     data: list[DataEntry] = Field(min_length=1)
     replay: ReplayEntry | None = None
+    order: OrderEntry | None = None  # documents before packing: file | random | related (order.py)
     schedule: dict[str, Any]
     optimizer: OptimizerEntry = Field(default_factory=OptimizerEntry)
     teacher: TeacherEntry | None = None
@@ -304,6 +307,7 @@ def recipe_issues(recipe: Recipe, *, check_paths: bool = True) -> list[Issue]:
         issues += _averaging_issues(spec.averaging)
     issues += adapter_issues(spec)
     issues += preference_issues(spec, check_paths=check_paths)
+    issues += order_issues(spec)
     window, stride = (spec.eval.window, spec.eval.stride) if spec.eval else (None, None)
     if window and stride and stride > window:
         issues.append(("eval.stride", f"{stride} is larger than the window {window}", None))
