@@ -14,7 +14,13 @@ import torch
 from alloy.lab.tiny import tiny_model, tiny_tokenizer
 from alloy.train.context import ContextEntry
 from alloy.train.data import Item, tokenize_items
-from alloy.train.objectives.context_distill import ContextDistill, teacher_scores, with_context
+from alloy.train.objectives.context_distill import (
+    ContextDistill,
+    PrefixCache,
+    cached_teacher_scores,
+    teacher_scores,
+    with_context,
+)
 from alloy.train.packing import Collator
 
 
@@ -188,7 +194,8 @@ def test_empty_context_is_the_self_kl_zero_at_start() -> None:
         teacher=copy.deepcopy(student),
     )
     parts = objective.loss(student.train(), _collate(tokenizer, EXAMPLES))
-    assert abs(float(parts.metrics["kd"])) < 1e-6
+    # zero up to float32 rounding (the teacher's start token comes from the cached prefix)
+    assert abs(float(parts.metrics["kd"])) < 1e-6 * float(parts.count)
     assert float(parts.metrics["ce"]) > 1.0  # the student is no oracle: only the KD vanished
 
 
@@ -225,3 +232,52 @@ def test_the_adapter_disabled_policy_is_the_frozen_start_model() -> None:
     assert torch.allclose(live.targets(policy, batch), copied.targets(policy, batch), atol=1e-5)
     assert policy.training  # the teacher's eval mode is undone
     assert math.isfinite(float(live.loss(policy, batch).total))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2"])
+def test_the_cached_prefix_gives_the_full_forward_logits(arch: str) -> None:
+    """The context's keys and values computed once, then each padded batch of rows run after
+    them, give the teacher's logits of the whole context + row forward at every real position."""
+    tokenizer = tiny_tokenizer()
+    teacher = tiny_model(arch, seed=2, noise=0.3).float()  # some tiny specs are fp16
+    batch = _collate(tokenizer, EXAMPLES)
+    context = torch.tensor(tokenizer(CONTEXT, add_special_tokens=False)["input_ids"])
+    start, pad = tokenizer.bos_token_id, tokenizer.pad_token_id
+    with torch.no_grad():
+        full = teacher_scores(teacher, batch, context, start, pad)
+        prefix = PrefixCache.build(teacher, torch.cat([torch.tensor([start]), context]))
+        cached = cached_teacher_scores(teacher, batch, prefix, skip=1)
+    real = torch.arange(full.shape[1])[None, :] < batch["lengths"][:, None]  # (B, T)
+    assert cached.shape == full.shape
+    assert torch.allclose(cached[real], full[real], atol=1e-5)
+
+
+def test_rows_with_and_without_the_start_token_take_the_full_forward() -> None:
+    """A batch mixing a framed row (BOS first) and a template's row (no BOS) shares no prefix:
+    the loss is then the full forward's, and equals the per-row sum."""
+    tokenizer = tiny_tokenizer()
+    student = tiny_model("llama", seed=1, noise=0.3)
+    teacher = tiny_model("llama", seed=2, noise=0.3)
+    ids = torch.tensor(tokenizer(CONTEXT, add_special_tokens=False)["input_ids"])
+    objective = ContextDistill(
+        ContextEntry(text=CONTEXT),
+        ids,
+        start=tokenizer.bos_token_id,
+        pad=tokenizer.pad_token_id,
+        vocab=len(tokenizer),
+        teacher=teacher,
+    )
+    batch = _collate(tokenizer, EXAMPLES)
+    whole = float(objective.loss(student, batch).total)
+    unframed = {k: v.clone() for k, v in batch.items()}
+    unframed["input_ids"][0, :-1] = batch["input_ids"][0, 1:].clone()  # drop row 0's BOS
+    unframed["labels"][0, :-1] = batch["labels"][0, 1:].clone()
+    unframed["lengths"][0] -= 1
+    assert objective._shared_start(unframed) is None
+    mixed = float(objective.loss(student, unframed).total)
+    each = sum(
+        float(objective.loss(student, {k: v[i : i + 1] for k, v in unframed.items()}).total)
+        for i in range(len(EXAMPLES))
+    )
+    assert mixed == pytest.approx(each, rel=1e-5)
+    assert mixed != pytest.approx(whole, rel=1e-3)  # row 0 really lost its BOS

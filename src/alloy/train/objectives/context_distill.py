@@ -15,6 +15,11 @@ insertion point) is position t + C of the teacher: `teacher_scores[:, C:]` lines
 student's (B, T) positions. Rows are right-padded, so the last T of the teacher's C + T positions
 are exactly those, and only their logits are computed (`logits_to_keep`).
 
+Cost: every row shares the prefix [start] + context, so its keys and values are computed once
+(`PrefixCache`) and each step's teacher forward covers the rows' own tokens after it: about one
+student forward instead of (C + T) / T of them. A batch whose rows do not share it (rows with and
+without a start token mixed) takes the whole forward.
+
 The teacher is the *start* model, frozen: targets that moved with the student would drift with
 it and could reward forgetting the context's effect in both. Without an adapter it is a frozen
 float32 copy of `model.path` in memory; with an adapter it is the policy itself with the adapter
@@ -27,8 +32,10 @@ Shapes: B rows, T student positions, C context ids, V vocabulary, N target posit
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +111,55 @@ def teacher_scores(
     return teacher(**inputs).logits[:, len(context) :]
 
 
+@dataclass(frozen=True)
+class PrefixCache:
+    """The teacher's keys and values over a fixed prefix ([start] + context, or the context
+    alone), computed once, and its last position's logits (what follows the prefix)."""
+
+    cache: Any  # a transformers Cache of batch 1
+    last: torch.Tensor  # (V',)
+    length: int
+
+    @classmethod
+    def build(cls, teacher: Any, prefix: torch.Tensor) -> PrefixCache:
+        device = next(teacher.parameters()).device
+        out = teacher(input_ids=prefix[None].to(device), use_cache=True)
+        cache = out.cache if _cache_keyword(teacher) == "cache" else out.past_key_values
+        return cls(cache, out.logits[0, -1], len(prefix))
+
+
+def _cache_keyword(model: Any) -> str:
+    """What the model's forward calls its KV cache: `cache` (transformers >= 5.2x) or the older
+    `past_key_values` (a PEFT model forwards keywords: its base model's signature decides)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
+def cached_teacher_scores(
+    teacher: Any, batch: dict[str, torch.Tensor], prefix: PrefixCache, skip: int
+) -> torch.Tensor:
+    """`teacher_scores` from a prefix computed once: the same (B, T, V') logits, with the teacher
+    running over the rows' own T - skip tokens only (skip = 1: every row starts with the start
+    token, which is the prefix's first; 0: no row does)."""
+    ids = batch["input_ids"][:, skip:]  # (B, T - skip)
+    rows, width = ids.shape
+    new = torch.arange(width, device=ids.device)
+    real = new[None, :] < (batch["lengths"].to(ids.device) - skip)[:, None]  # (B, T - skip)
+    mask = torch.cat([real.new_ones(rows, prefix.length), real], dim=1).long()  # (B, P + T - s)
+    cache = copy.deepcopy(prefix.cache)  # the forward appends to it
+    cache.batch_repeat_interleave(rows)
+    inputs = {_cache_keyword(teacher): cache, "use_cache": True}
+    logits = teacher(
+        input_ids=ids,
+        attention_mask=mask,
+        position_ids=(prefix.length + new).expand(rows, -1),
+        **inputs,
+    ).logits  # (B, T - skip, V'): position j predicts the row's token skip + j + 1
+    if skip:  # the start token's position: what the teacher predicts after the prefix
+        logits = torch.cat([prefix.last.expand(rows, 1, -1).to(logits.dtype), logits], dim=1)
+    return logits
+
+
 class ContextDistill:
     def __init__(
         self,
@@ -119,6 +175,7 @@ class ContextDistill:
         self.context = context  # (C,) context ids
         self.start, self.pad, self.vocab = start, pad, vocab
         self.teacher = teacher  # a frozen copy of the start model; None: the adapter-less policy
+        self.prefixes: dict[int, PrefixCache] = {}  # by the number of row ids it replaces
 
     def targets(self, model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """(B, T, V) the start model's logits with the context, aligned with the student's."""
@@ -127,9 +184,30 @@ class ContextDistill:
         if teacher is None:
             teacher = getattr(model, "module", model)  # DDP's wrapper has no disable_adapter
             disabled = teacher.disable_adapter()
+        skip = self._shared_start(batch)
         with _frozen(teacher), disabled:
-            scores = teacher_scores(teacher, batch, self.context, self.start, self.pad)
+            if skip is None:  # no prefix shared by every row: the whole context + row
+                scores = teacher_scores(teacher, batch, self.context, self.start, self.pad)
+            else:
+                if skip not in self.prefixes:
+                    head = batch["input_ids"][0, :skip].cpu()  # the start token, or nothing
+                    prefix = torch.cat([head, self.context.to(head.dtype)])
+                    self.prefixes[skip] = PrefixCache.build(teacher, prefix)
+                scores = cached_teacher_scores(teacher, batch, self.prefixes[skip], skip)
         return scores[..., : self.vocab].float()
+
+    def _shared_start(self, batch: dict[str, torch.Tensor]) -> int | None:
+        """How many ids every row shares with the prefix: 1 when each starts with the start
+        token, 0 when none does; None when the rows differ or there is no prefix at all."""
+        first = batch["input_ids"][:, 0]
+        starts = (first == self.start) & (batch["lengths"] > 0)
+        if self.start is None or not bool(starts.any()):
+            skip = 0
+        elif bool(starts.all()):
+            skip = 1
+        else:
+            return None
+        return skip if skip + len(self.context) > 0 else None
 
     def loss(self, model: Any, batch: dict[str, torch.Tensor]) -> LossParts:
         s = self.settings
