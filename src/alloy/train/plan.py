@@ -120,7 +120,7 @@ class TrainPlan:
             if live and reference_folder(spec) is not None:
                 estimate["reference weights"] = 4.0 * params
         teacher = self.recipe.spec.teacher
-        if teacher is not None and not teacher.cache:
+        if (teacher is not None and not teacher.cache) or self.objective.name == "context_distill":
             estimate["teacher logits"] = 4.0 * tokens * vocab
         return estimate
 

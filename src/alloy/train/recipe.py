@@ -1,6 +1,6 @@
 """Training recipes: one strict YAML file says what to train, on what, how long and how.
 
-    objective: causal_lm            # causal_lm | sft | distill | dpo | reward (see --help)
+    objective: causal_lm            # causal_lm | sft | distill | context_distill | dpo | reward
     model: runs/lab/family/demo/small/base
     data:                           # one or more sources, mixed by weight (per sequence)
       - {name: fiction, corpus: fiction}            # a lab corpus domain (split: train)
@@ -35,6 +35,7 @@ from pydantic import Field, model_validator
 from alloy.errors import ProblemCollector, RecipeError, did_you_mean
 from alloy.io.yamlfile import StrictModel, read_recipe, validate_schema
 from alloy.train.adapter import GALORE_OPTIMIZERS, AdapterEntry, adapter_issues, galore_issues
+from alloy.train.context import ContextEntry, DistillSettings, context_issues, distill_issues
 from alloy.train.order import OrderEntry, order_issues
 from alloy.train.preference import PreferenceEntry, preference_issues
 from alloy.train.schedule_checks import Issue, schedule_issues
@@ -120,13 +121,8 @@ class OptimizerEntry(_Strict):
         return value
 
 
-class TeacherEntry(_Strict):
+class TeacherEntry(DistillSettings):  # loss, temperature, alpha, beta, top_k (context.py)
     model: str  # a model folder or an ensemble recipe (.yaml)
-    loss: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
-    temperature: Number = Field(default=1.0, gt=0)
-    alpha: Number = Field(default=0.5, ge=0, le=1)  # weight of the distillation term
-    beta: Number = Field(default=0.5, gt=0, lt=1)  # jsd only
-    top_k: int = Field(default=0, ge=0)  # 0: the full distribution
     cache: bool | str = False  # top-k targets cached on disk (true: alloy's cache folder)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
 
@@ -169,6 +165,7 @@ class TrainRecipe(_Strict):
     optimizer: OptimizerEntry = Field(default_factory=OptimizerEntry)
     teacher: TeacherEntry | None = None
     preference: PreferenceEntry | None = None  # dpo, reward (preference.py)
+    context: ContextEntry | None = None  # context_distill (context.py)
     adapter: AdapterEntry | None = None
     averaging: dict[str, dict[str, Any]] | None = None
     eval: EvalEntry | None = None
@@ -308,6 +305,8 @@ def recipe_issues(recipe: Recipe, *, check_paths: bool = True) -> list[Issue]:
     issues += adapter_issues(spec)
     issues += preference_issues(spec, check_paths=check_paths)
     issues += order_issues(spec)
+
+    issues += context_issues(spec, check_paths=check_paths)
     window, stride = (spec.eval.window, spec.eval.stride) if spec.eval else (None, None)
     if window and stride and stride > window:
         issues.append(("eval.stride", f"{stride} is larger than the window {window}", None))
@@ -427,21 +426,9 @@ def source_path(entry: DataEntry, lab_root: Path) -> Path:
 
 
 def _teacher_issues(teacher: TeacherEntry, check_paths: bool) -> list[Issue]:
-    issues: list[Issue] = []
-    if teacher.loss == "reverse_kl" and teacher.top_k:
-        issues.append(
-            (
-                "teacher.top_k",
-                "reverse_kl needs the teacher's full distribution",
-                "set top_k: 0, or use forward_kl or jsd",
-            )
-        )
+    issues = distill_issues(teacher, "teacher", instead="objective: causal_lm or sft")
     if teacher.cache and not teacher.top_k:
         issues.append(("teacher.cache", "only top-k targets are cached", "set top_k: 64 (say)"))
-    if teacher.alpha == 0:
-        issues.append(
-            ("teacher.alpha", "alpha 0 ignores the teacher", "use objective: causal_lm or sft")
-        )
     if not check_paths:
         return issues
     from alloy.ensemble.recipe import is_recipe_path, load_ensemble_recipe
