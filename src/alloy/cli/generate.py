@@ -89,6 +89,14 @@ def generate_command(
         str | None, typer.Option(help="Device for members without their own (default: cpu).")
     ] = None,
     allow_pickle: Annotated[bool, ALLOW_PICKLE] = False,
+    speculative: Annotated[
+        bool,
+        typer.Option(
+            "--speculative",
+            help="Exact greedy decoding of one model folder, drafted by its multi-token heads "
+            "(alloy train objective: mtp; docs/mtp.md). One prompt at a time.",
+        ),
+    ] = False,
 ) -> None:
     """Continue prompts with an ensemble recipe's members and rule (or one model).
 
@@ -114,6 +122,10 @@ def generate_command(
     given = {k: v for k, v in warpers.items() if v is not None}
     problems += [Problem(f"--{k.replace('_', '-')}", m) for k, m in check_filters(given)]
     # A truncated weight file or a device that is not here is named now, not by the loader.
+    if speculative:
+        from alloy.mtp.cli import run_speculative, speculative_problems
+
+        problems += speculative_problems(target, sample=sample, warpers=given, stop=stop)
     if is_recipe_path(target):
         problems += ensemble_problems(target, allow_pickle)
     else:
@@ -121,6 +133,9 @@ def generate_command(
     if problems:
         raise InputError("cannot generate", problems)
     quiet_transformers()
+    if speculative:
+        run_speculative(target, prompts, max_new_tokens=max_new_tokens, device=device, out=out)
+        return
     ensemble = load_target(target, device=device, allow_pickle=allow_pickle)
     overrides: dict[str, Any] = {**given}
     for key, value in (

@@ -1,6 +1,6 @@
 """Training recipes: one strict YAML file says what to train, on what, how long and how.
 
-    objective: causal_lm            # causal_lm | sft | distill | dpo | reward (see --help)
+    objective: causal_lm            # causal_lm | sft | distill | dpo | reward | mtp (see --help)
     model: runs/lab/family/demo/small/base
     data:                           # one or more sources, mixed by weight (per sequence)
       - {name: fiction, corpus: fiction}            # a lab corpus domain (split: train)
@@ -33,6 +33,7 @@ from pydantic import Field, model_validator
 
 from alloy.errors import ProblemCollector, RecipeError, did_you_mean
 from alloy.io.yamlfile import StrictModel, read_recipe, validate_schema
+from alloy.mtp.settings import MTPEntry, mtp_issues
 from alloy.train.adapter import GALORE_OPTIMIZERS, AdapterEntry, adapter_issues, galore_issues
 from alloy.train.preference import PreferenceEntry, preference_issues
 from alloy.train.schedule_checks import Issue, schedule_issues
@@ -166,6 +167,7 @@ class TrainRecipe(_Strict):
     optimizer: OptimizerEntry = Field(default_factory=OptimizerEntry)
     teacher: TeacherEntry | None = None
     preference: PreferenceEntry | None = None  # dpo, reward (preference.py)
+    mtp: MTPEntry | None = None  # objective mtp (alloy/mtp/settings.py)
     adapter: AdapterEntry | None = None
     averaging: dict[str, dict[str, Any]] | None = None
     eval: EvalEntry | None = None
@@ -304,6 +306,7 @@ def recipe_issues(recipe: Recipe, *, check_paths: bool = True) -> list[Issue]:
         issues += _averaging_issues(spec.averaging)
     issues += adapter_issues(spec)
     issues += preference_issues(spec, check_paths=check_paths)
+    issues += mtp_issues(spec)
     window, stride = (spec.eval.window, spec.eval.stride) if spec.eval else (None, None)
     if window and stride and stride > window:
         issues.append(("eval.stride", f"{stride} is larger than the window {window}", None))
