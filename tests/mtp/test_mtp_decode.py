@@ -59,6 +59,8 @@ def test_speculative_equals_plain_greedy(model: Any, noise: float) -> None:
         decoded = speculative_greedy(model, heads, prompt, max_new_tokens=24, eos=set())
         assert decoded.tokens == reference
         assert decoded.finish_reason == "length"
+        one = speculative_greedy(model, heads, prompt, max_new_tokens=24, eos=set(), draft=1)
+        assert one.tokens == reference and all(len(d) <= 1 for d in one.drafts)
         assert decoded.forwards == 1 + len(decoded.accepted)
         # each forward adds the model's token and the step's accepted drafts (the last step's
         # may be cut by max_new_tokens)

@@ -16,7 +16,7 @@ from tests.train.conftest import write_recipe
 from transformers import AutoModelForCausalLM
 
 from alloy.cli.main import main
-from alloy.errors import RecipeError
+from alloy.errors import CheckpointError, RecipeError
 from alloy.mtp.heads import HEADS_FILE, INFO_FILE, MTPHeads, load_heads
 from alloy.mtp.speculative import greedy, speculative_greedy
 from alloy.train import load_train_recipe, train
@@ -58,6 +58,10 @@ def test_heads_train_beside_an_unchanged_plain_folder(
     fresh = MTPHeads.from_model(start, 2).state_dict()  # copies of the last layer and norm
     assert trained.keys() == fresh.keys()
     assert all(not torch.equal(v, fresh[k]) for k, v in trained.items() if "layers" in k)
+    wrong = {**info, "hidden_size": 64}
+    (out / INFO_FILE).write_text(json.dumps(wrong))
+    with pytest.raises(CheckpointError, match="hidden_size 64"):
+        load_heads(model, out)
     rows = (out / "training" / "metrics.csv").read_text().splitlines()
     header = rows[0].split(",")
     assert {"ce_2", "ce_3", "top1_2", "top1_3"} <= set(header)
@@ -153,3 +157,9 @@ def test_speculative_refuses_what_it_cannot_do(
     write_recipe(recipe, {"rule": "linear", "members": [{"model": str(tiny_llama)}] * 2})
     assert main(["generate", str(recipe), "-p", "x", "--speculative"]) == 2
     assert "not an ensemble recipe" in capsys.readouterr().err
+
+
+def test_the_shipped_example_is_valid() -> None:
+    example = Path(__file__).parents[2] / "examples" / "train" / "mtp.yaml"
+    spec = load_train_recipe(example, check_paths=False).spec
+    assert spec.objective == "mtp" and spec.mtp is not None and spec.mtp.heads == 3
