@@ -115,6 +115,14 @@ def generate_command(
         str | None, typer.Option(help="Device for members without their own (default: cpu).")
     ] = None,
     allow_pickle: Annotated[bool, ALLOW_PICKLE] = False,
+    speculative: Annotated[
+        bool,
+        typer.Option(
+            "--speculative",
+            help="Exact greedy decoding of one model folder, drafted by its multi-token heads "
+            "(alloy train objective: mtp; docs/mtp.md). One prompt at a time.",
+        ),
+    ] = False,
 ) -> None:
     """Continue prompts with an ensemble recipe's members and rule (or one model).
 
@@ -147,6 +155,10 @@ def generate_command(
     if repetition_penalty is not None and repetition_penalty <= 0:
         message = f"must be positive, got {repetition_penalty}"
         problems.append(Problem("--repetition-penalty", message))
+    if speculative:
+        from alloy.mtp.cli import run_speculative, speculative_problems
+
+        problems += speculative_problems(target, sample=sample, warpers=given, stop=stop)
     if is_recipe_path(target):
         problems += ensemble_problems(target, allow_pickle)
         for flag, value in (("--rule", rule), ("--layers", layers)):
@@ -158,6 +170,9 @@ def generate_command(
     if problems:
         raise InputError("cannot generate", problems)
     quiet_transformers()
+    if speculative:
+        run_speculative(target, prompts, max_new_tokens=max_new_tokens, device=device, out=out)
+        return
     ensemble = load_target(
         target, device=device, allow_pickle=allow_pickle, rule=rule, layers=layers
     )

@@ -99,6 +99,10 @@ def write_outputs(
                 # PEFT's template card (OUT gets alloy's)
                 if path.name not in ("training_args.bin", "README.md"):
                     path.rename(dest / path.name)
+        if plan.recipe.spec.objective == "mtp":  # the heads beside a plain HF folder
+            from alloy.train.objectives.mtp import split_saved_heads
+
+            split_saved_heads(plan, model, dest)
         plan.tokenizer.save_pretrained(dest)
         if cast:
             cast_folder(dest, dtype)

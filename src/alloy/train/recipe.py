@@ -1,6 +1,6 @@
 """Training recipes: one strict YAML file says what to train, on what, how long and how.
 
-    objective: causal_lm            # causal_lm | sft | distill | context_distill | dpo | reward
+    objective: causal_lm            # causal_lm | sft | distill | context_distill | dpo | reward | mtp
     model: runs/lab/family/demo/small/base
     data:                           # one or more sources, mixed by weight (per sequence)
       - {name: fiction, corpus: fiction}            # a lab corpus domain (split: train)
@@ -34,6 +34,7 @@ from pydantic import Field, model_validator
 
 from alloy.errors import ProblemCollector, RecipeError, did_you_mean
 from alloy.io.yamlfile import StrictModel, read_recipe, validate_schema
+from alloy.mtp.settings import MTPEntry, mtp_issues
 from alloy.train.adapter import GALORE_OPTIMIZERS, AdapterEntry, adapter_issues, galore_issues
 from alloy.train.context import ContextEntry, DistillSettings, context_issues, distill_issues
 from alloy.train.order import OrderEntry, order_issues
@@ -166,6 +167,8 @@ class TrainRecipe(_Strict):
     teacher: TeacherEntry | None = None
     preference: PreferenceEntry | None = None  # dpo, reward (preference.py)
     context: ContextEntry | None = None  # context_distill (context.py)
+
+    mtp: MTPEntry | None = None  # objective mtp (alloy/mtp/settings.py)
     adapter: AdapterEntry | None = None
     averaging: dict[str, dict[str, Any]] | None = None
     eval: EvalEntry | None = None
@@ -307,6 +310,8 @@ def recipe_issues(recipe: Recipe, *, check_paths: bool = True) -> list[Issue]:
     issues += order_issues(spec)
 
     issues += context_issues(spec, check_paths=check_paths)
+
+    issues += mtp_issues(spec)
     window, stride = (spec.eval.window, spec.eval.stride) if spec.eval else (None, None)
     if window and stride and stride > window:
         issues.append(("eval.stride", f"{stride} is larger than the window {window}", None))
