@@ -1,6 +1,6 @@
 """Training recipes: one strict YAML file says what to train, on what, how long and how.
 
-    objective: causal_lm            # causal_lm | sft | distill | context_distill | dpo | reward | mtp
+    objective: causal_lm            # sft | distill | context_distill | dpo | reward | mtp | ...
     model: runs/lab/family/demo/small/base
     data:                           # one or more sources, mixed by weight (per sequence)
       - {name: fiction, corpus: fiction}            # a lab corpus domain (split: train)
