@@ -7,6 +7,7 @@ import random
 from pathlib import Path
 
 import pytest
+from tests.train.conftest import WORDS
 
 
 @pytest.fixture(scope="session")
@@ -17,32 +18,11 @@ def tiny_llama(tiny_root: Path) -> Path:
 @pytest.fixture(scope="module")
 def docs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """120 documents of 5-60 random words."""
-    words = [
-        "the",
-        "cat",
-        "sat",
-        "on",
-        "a",
-        "mat",
-        "and",
-        "then",
-        "it",
-        "ran",
-        "to",
-        "the",
-        "big",
-        "red",
-        "house",
-        "where",
-        "a",
-        "dog",
-        "slept",
-    ]
     rng = random.Random(0)
     path = tmp_path_factory.mktemp("mtp-docs") / "docs.jsonl"
     with path.open("w") as f:
         for _ in range(120):
-            text = " ".join(rng.choice(words) for _ in range(rng.randint(5, 60)))
+            text = " ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 60)))
             f.write(json.dumps({"text": text}) + "\n")
     return path
 

@@ -382,13 +382,17 @@ def bootstrap(source: TokenizedSource, seed: int) -> TokenizedSource:
     """A bootstrap resample of `source`: as many items, drawn uniformly with replacement
     (Breiman 1996, bagging), seeded."""
     n = source.items
-    picks = bootstrap_picks(n, seed)
+    return take_items(source, bootstrap_picks(n, seed))
+
+
+def take_items(source: TokenizedSource, picks: np.ndarray) -> TokenizedSource:
+    """`source` with its items `picks` (N',) in that order (a resample, or a reordering)."""
     lengths = np.diff(source.starts)[picks]
-    starts = np.zeros(n + 1, dtype=np.int64)
+    starts = np.zeros(len(picks) + 1, dtype=np.int64)
     np.cumsum(lengths, out=starts[1:])
     index = (
         np.concatenate([np.arange(source.starts[i], source.starts[i + 1]) for i in picks])
-        if n
+        if len(picks)
         else np.zeros(0, dtype=np.int64)
     )
     return TokenizedSource(

@@ -31,6 +31,7 @@ from alloy.train.data import (
     bootstrap_picks,
     cache_root,
     read_items,
+    take_items,
     tokenizer_fingerprint,
 )
 from alloy.train.order import (
@@ -135,28 +136,6 @@ def document_texts(source: Source, tokenizer: Any) -> list[str]:
     if source.bootstrap is not None:
         texts = [texts[i] for i in bootstrap_picks(len(texts), source.bootstrap)]
     return texts
-
-
-def take_items(source: TokenizedSource, picks: np.ndarray) -> TokenizedSource:
-    """`source` with its items `picks` (N',) in that order."""
-    lengths = np.diff(source.starts)[picks]
-    starts = np.zeros(len(picks) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=starts[1:])
-    index = (
-        np.concatenate([np.arange(source.starts[i], source.starts[i + 1]) for i in picks])
-        if len(picks)
-        else np.zeros(0, dtype=np.int64)
-    )
-    return TokenizedSource(
-        source.name,
-        np.asarray(source.ids)[index],
-        np.asarray(source.mask)[index],
-        starts,
-        source.kinds,
-        source.files,
-        source.cached,
-        None if source.margins is None else source.margins[picks],
-    )
 
 
 # ---- MiniLM -----------------------------------------------------------------------------------
