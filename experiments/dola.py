@@ -4,15 +4,19 @@
     python experiments/dola.py --render   # rewrite the docs section from the saved JSON
 
 Models: the lab's experiment-preset small base (4 layers) and SmolLM2-135M-Instruct (30 layers).
-Items: the quiz's test split (experiments/train.py's `quiz_split`: a hash of the question, 20%),
-at most `--items` of them in file order. For each decoder:
+Items: every `--every`-th question of the quiz's test split (experiments/train.py's `quiz_split`:
+a hash of the question, 20%; the file is in topic order, so a stride keeps the topics' mix). A
+question alone ("Question: Ghana\nAnswer:") does not say what is asked, so every question is
+preceded by `--shots` training questions of its topic with their answers (the paper also prompts
+with question-answer pairs). For each decoder:
 
 - multiple choice by log-likelihood under the decoder's distribution (`alloy.eval`'s
   choice_accuracy, raw and per-byte normalised). DoLa's plausibility head gives -inf to every
   token outside it, so a choice whose tokens leave it can never win; the scoring rows use
   alpha 0 (no head) as well as the default 0.1.
-- open answers: greedy decoding of up to 12 tokens after the question, stopped at a newline;
-  correct when the text starts with the right choice (case and surrounding space ignored).
+- open answers: greedy decoding of up to 12 tokens after the prompt, stopped at a newline;
+  correct when the text starts with the right choice (case, accents and surrounding space
+  ignored).
   DoLa decodes with the paper's repetition penalty 1.2; plain decoding is given with and without
   it so that the penalty's share is visible.
 
@@ -23,8 +27,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import sys
 import time
+import unicodedata
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +54,28 @@ DECODERS: dict[str, tuple[dict[str, Any] | None, float | None]] = {
 }
 
 
+def prompted_items(args: argparse.Namespace) -> list[Any]:
+    """The test questions (every `args.every`-th), each preceded by `args.shots` training
+    questions of its own topic with their answers (drawn with a fixed seed)."""
+    from alloy.eval.data import load_eval_sets
+
+    work = args.root / "experiments" / "dola"
+    _, mc_test, mc_train = quiz_split(args, work)
+    by_topic: dict[str, list[dict[str, Any]]] = {}
+    for line in mc_train.read_text().splitlines():
+        item = json.loads(line)
+        by_topic.setdefault(item["topic"], []).append(item)
+    draw = random.Random(0)
+    rows = []
+    for item in [json.loads(line) for line in mc_test.read_text().splitlines()][:: args.every]:
+        shots = draw.sample(by_topic[item["topic"]], args.shots)
+        prefix = "".join(f"{i['context']}{i['choices'][i['answer']]}\n\n" for i in shots)
+        rows.append(json.dumps({**item, "context": prefix + item["context"]}) + "\n")
+    path = work / f"quiz-test-every{args.every}-{args.shots}shot.jsonl"
+    path.write_text("".join(rows))
+    return list(load_eval_sets([path])[0].items)
+
+
 def load(path: Path, settings: dict[str, Any] | None, alpha: float | None = None) -> Any:
     from alloy import Ensemble
 
@@ -59,6 +87,12 @@ def load(path: Path, settings: dict[str, Any] | None, alpha: float | None = None
     return Ensemble.from_recipe(recipe)
 
 
+def fold(text: str) -> str:
+    """Lower case, no surrounding space, accents dropped ("Brasília" matches "Brasilia")."""
+    decomposed = unicodedata.normalize("NFKD", text.strip().lower())
+    return "".join(c for c in decomposed if not unicodedata.combining(c))
+
+
 def open_answers(ensemble: Any, items: list[Any], penalty: float | None) -> dict[str, Any]:
     out = ensemble.generate(
         [i.context for i in items],
@@ -68,10 +102,12 @@ def open_answers(ensemble: Any, items: list[Any], penalty: float | None) -> dict
         repetition_penalty=penalty,
     )
     right = [
-        g.text.strip().lower().startswith(i.choices[i.answer].strip().lower())
-        for g, i in zip(out, items, strict=True)
+        fold(g.text).startswith(fold(i.choices[i.answer])) for g, i in zip(out, items, strict=True)
     ]
-    samples = [{"q": i.context, "a": g.text} for g, i in list(zip(out, items, strict=True))[:3]]
+    samples = [
+        {"q": i.context.rsplit("\n\n", 1)[-1], "a": g.text}
+        for g, i in list(zip(out, items, strict=True))[:3]
+    ]
     return {"exact": sum(right) / len(right), "samples": samples}
 
 
@@ -99,12 +135,14 @@ def section(payload: dict[str, Any]) -> str:
         "## DoLa: contrasting layers on the quiz",
         "",
         f"`{payload['command']}`; {payload['machine']}. {payload['items']} test questions of the "
-        "quiz (experiments/train.py's split). Multiple choice by log-likelihood under each "
+        "quiz (experiments/train.py's split, every third), each preceded by "
+        f"{payload.get('shots', 0)} training questions of its topic with their answers. "
+        "Multiple choice by log-likelihood under each "
         "decoder (accuracy / per-byte normalised accuracy; chance "
         f"{payload['chance']:.3f}); DoLa's scores are given with its plausibility head "
         "(alpha 0.1) and without it (alpha 0). Open answers: greedy, up to 12 tokens, stopped "
-        "at a newline, correct when the answer starts with the right choice; DoLa decodes with "
-        "repetition penalty 1.2, as in the paper.",
+        "at a newline, correct when the answer starts with the right choice (case and accents "
+        "ignored); DoLa decodes with repetition penalty 1.2, as in the paper.",
         "",
         "| model | decoder | layers | MC acc | MC acc norm | MC acc, alpha 0 | open exact | s |",
         "|---|---|---|---|---|---|---|---|",
@@ -127,7 +165,8 @@ def section(payload: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", type=Path, default=ROOT / "runs" / "lab")
-    parser.add_argument("--items", type=int, default=120)
+    parser.add_argument("--every", type=int, default=3, help="every N-th test question")
+    parser.add_argument("--shots", type=int, default=5, help="question-answer pairs before each")
     parser.add_argument("--render", action="store_true", help="rewrite docs from the JSON")
     parser.add_argument("--prose", type=Path, help="a file of prose to put under the table")
     args = parser.parse_args(argv)
@@ -139,10 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         replace_section(ROOT / "docs" / "results.md", "dola", section(payload))
         return 0
     quiet()
-    from alloy.eval.data import load_eval_sets
-
-    _, test, _ = quiz_split(args, args.root / "experiments" / "dola")
-    items = list(load_eval_sets([test])[0].items)[: args.items]
+    items = prompted_items(args)
     models = {
         n: args.root / p for n, p in MODELS.items() if (args.root / p / "config.json").is_file()
     }
@@ -153,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python experiments/dola.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "machine": machine(),
         "items": len(items),
+        "shots": args.shots,
         "chance": sum(1 / len(i.choices) for i in items) / len(items),
         "models": {n: run_model(n, p, items) for n, p in models.items()},
     }

@@ -162,7 +162,7 @@ def run_model(args: argparse.Namespace, key: str, index: int) -> dict[str, Any]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from alloy.mtp.cli import _eos_ids
+    from alloy.mtp.cli import eos_ids
     from alloy.mtp.heads import MTPHeads, load_heads
 
     out = args.root / "experiments" / "mtp" / key
@@ -178,7 +178,7 @@ def run_model(args: argparse.Namespace, key: str, index: int) -> dict[str, Any]:
     start = MTPHeads.from_model(model, HEADS).eval()
     windows = validation_windows(tokenizer, args.root, args.windows, 128)
     prompts = validation_windows(tokenizer, args.root, args.prompts[index], 32)
-    eos = _eos_ids(model, tokenizer)
+    eos = eos_ids(model, tokenizer)
     print(f"{key}: scoring held-out windows and decoding prompts")
     result = {
         "name": MODELS[key][0],

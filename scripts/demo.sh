@@ -6,8 +6,9 @@
 # pre-trained on it with transformers.Trainer, four domain experts per base and soup
 # ingredients. Then merges the small base's experts three ways (uniform soup, task arithmetic,
 # TIES), makes a greedy soup, proxy-tunes the large base at decode time, distils the mixture of
-# the small experts into the small base with `alloy train`, and prints per-domain perplexity of
-# every model. Results (table,
+# the small experts into the small base with `alloy train`, trains multi-token prediction heads
+# for self-speculative decoding, decodes the large base with DoLa, and prints per-domain
+# perplexity of every model. Results (table,
 # JSON, plot, recipes) land in runs/demo/out. The first run took 4.5 minutes on 2 CPU cores (plus
 # about 2 minutes of pip install on a fresh machine); later runs reuse the cached family.
 set -euo pipefail

@@ -90,7 +90,7 @@ def decode(args: argparse.Namespace, key: str, count: int, new_tokens: int) -> d
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from alloy.mtp.cli import _eos_ids
+    from alloy.mtp.cli import eos_ids
     from alloy.mtp.heads import load_heads
     from alloy.mtp.speculative import greedy, speculative_greedy
     from mtp import validation_windows
@@ -99,7 +99,7 @@ def decode(args: argparse.Namespace, key: str, count: int, new_tokens: int) -> d
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     heads = load_heads(model, path)
-    eos = _eos_ids(model, tokenizer)
+    eos = eos_ids(model, tokenizer)
     prompts = validation_windows(tokenizer, args.root, count, 32)
 
     def hf(prompt: list[int]) -> list[int]:

@@ -187,6 +187,7 @@ def test_demo_merges_and_scores_every_model(tmp_path: Path) -> None:
         "distill-experts.yaml",
         *(f"lora-{d}.yaml" for d in corpus.DOMAINS),
         "raft-fiction.yaml",
+        "mtp-heads.yaml",
     }
     # RAFT fine-tuned on each prompt's best of 4 by the reward model: above the samples' mean
     raft = payload["raft"]
@@ -203,7 +204,20 @@ def test_demo_merges_and_scores_every_model(tmp_path: Path) -> None:
         < rows["base"]["overall"]["perplexity"]
     )
     assert [s["prompt"] for s in payload["proxy_samples"]] == ["It was a", "She said that"]
-    assert (out / "samples.jsonl").is_file()
+    # self-speculative decoding with the MTP heads writes exactly what greedy decoding writes
+    assert payload["speculative"]["identical_to_greedy"] == payload["speculative"]["prompts"] == 2
+    assert (out / "train" / "mtp-heads" / "mtp_heads.safetensors").is_file()
+    decoders = [(s["decoder"], s["prompt"]) for s in payload["dola_samples"]]
+    assert decoders == [
+        (d, p)
+        for d in ("greedy", "dola (layers low, penalty 1.2)")
+        for p in ("It was a", "She said that")
+    ]
+    written = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert [s["decoder"] for s in written] == [
+        *["proxy-tuning, top-p 0.9"] * 2,
+        *(d for d, _ in decoders),
+    ]
     assert "| merge:ties |" in (out / "perplexity.md").read_text()
     # The output folder is never silently replaced.
     from alloy.errors import OutputExistsError

@@ -119,6 +119,15 @@ def demo(
         f"RAFT: mean reward of the base's samples {raft['reward_before']:.3f}; the "
         f"{raft['kept']} it fine-tuned on (best of 4 per prompt) {raft['reward_kept']:.3f}"
     )
+    spec = payload["speculative"]
+    typer.echo(
+        f"MTP heads: self-speculative greedy decoding wrote the same text as greedy for "
+        f"{spec['identical_to_greedy']} of {spec['prompts']} prompts, "
+        f"{spec['accepted_per_step']:.2f} drafts accepted per step, "
+        f"{spec['tokens_per_forward']:.2f} tokens per model forward"
+    )
+    for sample in payload["dola_samples"]:
+        typer.echo(f"large base, {sample['decoder']}: {sample['prompt']}{sample['text']!r}")
     timings = ", ".join(f"{k} {v:.0f}s" for k, v in payload["timings"].items())
     typer.echo(f"wrote {out} ({timings})")
 

@@ -183,6 +183,83 @@ def raft_recipe(
     }
 
 
+def mtp_recipe(
+    family: Path, domains: list[str], preset: Preset, root: Path, seed: int
+) -> dict[str, Any]:
+    """Two multi-token-prediction heads trained beside the frozen small base on every domain."""
+    stage = preset.expert["small"]
+    return {
+        "name": "demo: MTP heads on the small base",
+        "objective": "mtp",
+        "model": str(family / "small" / "base"),
+        "mtp": {"heads": 2},
+        "data": [{"name": d, "corpus": d} for d in domains],
+        "lab": str(root),
+        "schedule": {"name": "cosine", "lr": 2e-3, "warmup": stage.warmup},
+        "max_steps": stage.steps * 2,
+        "batch_size": preset.batch,
+        "sequence_length": preset.seq_len,
+        "seed": seed,
+    }
+
+
+def speculative_report(folder: Path, prompts: list[str], new_tokens: int) -> dict[str, Any]:
+    """Plain greedy against self-speculative greedy decoding with the heads in `folder`: whether
+    every output is the same, drafts accepted per step, and tokens per model forward."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from alloy.eval.scorer import load_pretrained, start_ids
+    from alloy.mtp.cli import eos_ids
+    from alloy.mtp.heads import load_heads
+    from alloy.mtp.speculative import greedy, speculative_greedy
+
+    tokenizer = load_pretrained(folder, AutoTokenizer, "model")
+    model = load_pretrained(folder, AutoModelForCausalLM, "model").eval()
+    heads = load_heads(model, folder)
+    eos = eos_ids(model, tokenizer)
+    same, accepted, steps, tokens, forwards = 0, 0, 0, 0, 0
+    for prompt in prompts:
+        ids = start_ids(tokenizer) + list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        plain = greedy(model, ids, max_new_tokens=new_tokens, eos=eos)
+        fast = speculative_greedy(model, heads, ids, max_new_tokens=new_tokens, eos=eos)
+        same += fast.tokens == plain.tokens
+        accepted, steps = accepted + sum(fast.accepted), steps + len(fast.accepted)
+        tokens, forwards = tokens + len(fast.tokens), forwards + fast.forwards
+    return {
+        "prompts": len(prompts),
+        "identical_to_greedy": same,
+        "accepted_per_step": accepted / max(1, steps),
+        "tokens_per_forward": tokens / max(1, forwards),
+    }
+
+
+def dola_samples(model: Path, prompts: list[str], new_tokens: int) -> list[dict[str, Any]]:
+    """Greedy continuations of `model` plainly and by DoLa (low layers, repetition penalty 1.2,
+    as in the paper), each labelled with its decoder and timed."""
+    decoders = {
+        "greedy": Ensemble.from_models([model], rule="linear"),
+        "dola (layers low, penalty 1.2)": Ensemble.from_recipe(
+            {"rule": "dola", "members": [{"model": str(model)}], "layers": "low"}
+        ),
+    }
+    samples = []
+    for label, ensemble in decoders.items():
+        penalty = 1.2 if ensemble.layers else None
+        start = time.perf_counter()
+        out = ensemble.generate(prompts, max_new_tokens=new_tokens, repetition_penalty=penalty)
+        seconds = time.perf_counter() - start
+        samples += [
+            {
+                "model": str(model.relative_to(model.parents[2])),
+                "decoder": label,
+                **g.as_dict(),
+                "seconds": seconds / len(prompts),
+            }
+            for g in out
+        ]
+    return samples
+
+
 def run_demo(
     root: Path,
     out: Path,
@@ -305,6 +382,20 @@ def run_demo(
         models[f"improve:raft-{domain}"] = Path(iteration["model"])
         timings["improve_s"] = time.perf_counter() - t
 
+        # One model, better: multi-token prediction heads on the small base, used for
+        # self-speculative decoding (the same text as greedy, in fewer forwards), and DoLa
+        # decoding (contrasting the large base's final layer with an early one).
+        t = time.perf_counter()
+        prompts = ["It was a", "She said that"]
+        say("training 2 multi-token prediction heads on the small base (objective: mtp)")
+        recipe = mtp_recipe(family, domains, settings, root, seed)
+        (tmp / "recipes" / "mtp-heads.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+        train(recipe, tmp / "train" / "mtp-heads")
+        speculative = speculative_report(tmp / "train" / "mtp-heads", prompts, new_tokens=40)
+        say("DoLa decoding of the large base (rule: dola)")
+        dola = dola_samples(family / "large" / "base", prompts, new_tokens=40)
+        timings["single_model_s"] = time.perf_counter() - t
+
         t = time.perf_counter()
         sets = load_eval_sets([corpus / d / "test.jsonl" for d in domains])
         results = {}
@@ -315,9 +406,15 @@ def run_demo(
             # Columns named by domain: "drama" rather than "drama/validation".
             results[name] = {key.split("/")[0]: value for key, value in scores.items()}
         timings["eval_s"] = time.perf_counter() - t
-        prompts = ["It was a", "She said that"]
-        samples = [g.as_dict() for g in scorers[f"ensemble:proxy-{domain}"].generate(prompts)]
-        (tmp / "samples.jsonl").write_text("".join(json.dumps(g) + "\n" for g in samples))
+        samples = [
+            {
+                "model": f"ensemble:proxy-{domain}",
+                "decoder": "proxy-tuning, top-p 0.9",
+                **g.as_dict(),
+            }
+            for g in scorers[f"ensemble:proxy-{domain}"].generate(prompts)
+        ]
+        (tmp / "samples.jsonl").write_text("".join(json.dumps(g) + "\n" for g in [*samples, *dola]))
         timings["total_s"] = time.perf_counter() - t0
 
         table = markdown_table(results)
@@ -339,6 +436,8 @@ def run_demo(
                 "kept": iteration["runs"][0]["kept"],
             },
             "proxy_samples": samples,
+            "speculative": speculative,
+            "dola_samples": dola,
             "results": results,
         }
         (tmp / "results.json").write_text(json.dumps(payload, indent=2) + "\n")

@@ -73,7 +73,7 @@ def run_speculative(
     tokenizer = load_pretrained(target, AutoTokenizer, "model")
     model = load_pretrained(target, AutoModelForCausalLM, "model").to(where).eval()
     heads = load_heads(model, target)
-    eos = _eos_ids(model, tokenizer)
+    eos = eos_ids(model, tokenizer)
     console = Console(highlight=False)
     records = []
     for prompt in prompts:
@@ -105,7 +105,7 @@ def run_speculative(
     return records
 
 
-def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
+def eos_ids(model: Any, tokenizer: Any) -> set[int]:
     """The generation config's EOS ids, else the config's, else the tokenizer's (as Ensemble)."""
     eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     if eos is None:
