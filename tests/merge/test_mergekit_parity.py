@@ -87,6 +87,20 @@ def recipes(p: dict[str, str]) -> dict[str, tuple[dict, float]]:
             },
             EXACT,
         ),
+        "sce": ({"merge_method": "sce", **with_base, "models": models(three)}, EXACT),
+        "sce (select_topk)": (
+            {
+                "merge_method": "sce",
+                **with_base,
+                "models": models(three),
+                "parameters": {"select_topk": 0.4},
+            },
+            EXACT,
+        ),
+        "arcee_fusion": (
+            {"merge_method": "arcee_fusion", **with_base, "models": models(["a"])},
+            EXACT,
+        ),
         "multislerp": (
             {
                 "merge_method": "multislerp",

@@ -78,3 +78,61 @@ def test_ramplus_counts_over_the_whole_tensor() -> None:
     whole = run(spec.make(3, r=0.5, alpha=0.9), models, base)
     blocked = run(spec.make(3, r=0.5, alpha=0.9), models, base, block_elements=10)
     assert torch.equal(blocked, whole)
+
+
+# sce: base 0, tau0 = [3, 0, -1, 1], tau1 = [2, 4, 1, 1]
+
+SCE_BASE = t(0, 0, 0, 0)
+SCE_MODELS = [t(3, 0, -1, 1), t(2, 4, 1, 1)]
+
+
+def test_sce_energy_weights_and_erase() -> None:
+    """select_topk 1: energies mean(tau^2) = [11/4, 22/4] -> w = [1/3, 2/3]. Elected signs
+    (sum [5, 4, 0, 2] >= 0) are all +; tau0 disagrees at entries 1 (zero) and 2 (-1).
+    Entry 0: (3/3 + 4/3) / 1 = 7/3; entries 1, 2: only model 1 -> 4, 1; entry 3: 1."""
+    out = merge("sce", SCE_MODELS, base=SCE_BASE)
+    assert_close(out, t(7 / 3, 4, 1, 1))
+
+
+def test_sce_selects_top_variance() -> None:
+    """select_topk 0.5: variances (d/2)^2 = [0.25, 4, 1, 0], 3 nonzero -> k = int(1.5) = 1:
+    only entry 1 survives; energies [0, 4] -> w = [0, 1]; the zeroed entries never agree with
+    the elected sign, so they stay at the base."""
+    out = merge("sce", SCE_MODELS, base=SCE_BASE, select_topk=0.5)
+    assert_close(out, t(0, 4, 0, 0))
+
+
+def test_sce_selection_is_per_tensor() -> None:
+    """Blocking does not change the selection (counts, ranks and tie quotas cross blocks)."""
+    g = torch.Generator().manual_seed(4)
+    base = torch.randn(12, 5, generator=g)
+    models = [base + torch.randn(12, 5, generator=g) for _ in range(3)]
+    spec = get_method("sce")
+    whole = run(spec.make(3, select_topk=0.3), models, base)
+    blocked = run(spec.make(3, select_topk=0.3), models, base, block_elements=10)
+    # energies are summed in float64 across blocks: last-bit differences only
+    assert_close(blocked, whole, rtol=1e-6, atol=1e-6)
+    assert torch.equal(whole == base, blocked == base)
+
+
+# arcee_fusion
+
+
+def test_arcee_fusion_keeps_entries_past_the_fence() -> None:
+    """One row, base 0, b = [1, 2, 2, 2, 9]: importance = c * [1, 2, 2, 2, 9] with c the
+    row's KL > 0. n = 5: quartile indices floor([0.25, 0.5, 0.75] * 4) = [1, 2, 3] of the
+    sorted scores -> Q1 = Q2 = Q3 = 2c, fence 2c: entry 0 (c < 2c) keeps the base."""
+    out = merge("arcee_fusion", [t(1, 2, 2, 2, 9).view(1, 5)], base=torch.zeros(1, 5))
+    assert_close(out, t(0, 2, 2, 2, 9).view(1, 5))
+
+
+def test_arcee_fusion_blocks_match_whole() -> None:
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(20, 6, generator=g)
+    model = base + torch.randn(20, 6, generator=g)
+    spec = get_method("arcee_fusion")
+    for shape in [(20, 6), (120,)]:
+        b, m = base.reshape(shape), model.reshape(shape)
+        whole = run(spec.make(1), [m], b)
+        assert torch.equal(run(spec.make(1), [m], b, block_elements=7), whole)
+        assert 0 < int((whole != b).sum()) < b.numel()
