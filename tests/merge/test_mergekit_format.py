@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -127,3 +129,41 @@ def test_validate_reads_mergekit_moe_recipes_as_moe(
     err = capsys.readouterr().err
     assert "invalid MoE recipe" in err and message in err
     assert "merge_method" not in err
+
+
+VENV = Path(os.environ.get("ALLOY_MERGEKIT_VENV", "/tmp/mergekit-venv"))
+
+
+@pytest.mark.skipif(not (VENV / "bin" / "mergekit-yaml").exists(), reason=f"no mergekit at {VENV}")
+def test_mergekit_yaml_tolerates_the_same_keys_and_merges_the_same(
+    pair: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """mergekit-yaml, run with the same flags on a slerp recipe carrying `weight` and a model's
+    `layer_range`, gives the tensors alloy gives (slerp agrees to float32 rounding) and the same
+    mergekit_config.yml, byte for byte."""
+    a, b = pair
+    file = tmp_path / "slerp.yml"
+    file.write_text(
+        f"merge_method: slerp\nbase_model: {a}\nmodels:\n  - model: {b}\n    layer_range: [0, 2]\n"
+        "parameters:\n  t: 0.3\n  weight: 1.0\ndtype: float32\n"
+    )
+    flags = ["--no-copy-tokenizer", "--lazy-unpickle", "--out-shard-size", "1B"]
+    assert main(["merge", str(file), str(tmp_path / "ours"), "-q", *flags]) == 0
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
+    env.pop("PYTHONPATH", None)
+    done = subprocess.run(
+        [str(VENV / "bin" / "mergekit-yaml"), str(file), str(tmp_path / "theirs"), *flags],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    assert (ours / "mergekit_config.yml").read_bytes() == (
+        theirs / "mergekit_config.yml"
+    ).read_bytes()
+    with Checkpoint.open(ours) as x, Checkpoint.open(theirs) as y:
+        assert set(x.tensors) == set(y.tensors)
+        for name in x.tensors:
+            torch.testing.assert_close(x.read(name), y.read(name), rtol=0, atol=2e-6)

@@ -118,9 +118,9 @@ def merge(
 ) -> None:
     """Merge the models of RECIPE into OUT (mergekit-compatible YAML).
 
-    mergekit-yaml's flags work too: `alloy merge recipe.yml out --cuda --out-shard-size 1B
-    --no-copy-tokenizer --lazy-unpickle` runs as `mergekit-yaml` would. OUT holds the recipe as
-    mergekit_config.yml.
+    mergekit-yaml's flags work too; OUT holds the recipe as mergekit_config.yml. Example:
+
+    alloy merge recipe.yml out --cuda --out-shard-size 1B --no-copy-tokenizer
     """
     from alloy.device import resolve_device
     from alloy.io.atomic import check_output_folder
