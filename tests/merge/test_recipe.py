@@ -388,3 +388,46 @@ def test_a_bad_value_does_not_hide_other_problems() -> None:
     assert "models[0].parameters.densty" in wheres
     assert any("no 'weight'" in p.message for p in err.value.problems)
     assert any(p.hint and "bfloat16" in p.hint for p in err.value.problems)
+
+
+# mergekit 0.1.5 reads past these (its schema has no such key, or the method does not declare
+# the parameter): alloy ignores them too, with one warning per occurrence naming its YAML path.
+def test_what_mergekit_tolerates_is_a_warning_naming_each_one() -> None:
+    text = (
+        SLERP.replace("{t: 0.5}", "{t: 0.5, weight: 0.3}")
+        .replace("  - model: a\n", "  - model: a\n    layer_range: [0, 2]\n")
+        .replace("    layer_range", "    parameters: {density: 0.5}\n    layer_range")
+    ) + "input_model_parameters: {a: {weight: 1}}\n"
+    recipe = load_recipe(text)
+    assert recipe.warnings == [
+        "input_model_parameters: ignored, as mergekit ignores it (mergekit's README names it, "
+        "but its recipe schema has no such key; give per-model parameters under "
+        "models[i].parameters)",
+        "models[0].layer_range: ignored, as mergekit ignores it (a layer range applies only to "
+        "slice sources; use `slices:` to take layers)",
+        "parameters.weight: fake_slerp does not use 'weight' (breadcrumbs, breadcrumbs_ties, "
+        "dare_linear, ... do); ignored, as mergekit ignores it",
+        "models[0].parameters.density: fake_slerp does not use 'density' (breadcrumbs, "
+        "breadcrumbs_ties, dare_linear, ... do); ignored, as mergekit ignores it",
+    ]
+    # ignored means ignored: the recipe resolves as if they were not there
+    assert recipe.parameter("t", model=None, tensor_name="x", t=0.0) == 0.5
+    assert recipe.models is not None and recipe.models[0].parameters == {"density": 0.5}
+    assert "input_model_parameters" not in recipe.to_yaml()
+    assert "layer_range" not in recipe.to_yaml()
+    assert load_recipe(SLERP).warnings == []
+
+
+def test_a_name_no_method_takes_stays_an_error_with_a_did_you_mean() -> None:
+    problems = _problems(SLERP.replace("{t: 0.5}", "{t: 0.5, wieght: 0.3}"))
+    assert problems == [
+        "parameters.wieght: fake_slerp has no parameter 'wieght' (fake_slerp takes: t)"
+    ]
+    problems = _problems(SLERP.replace("{t: 0.5}", "{tt: 0.5}"))
+    assert any("did you mean 't'?" in p for p in problems)
+    # a tolerated key in a place mergekit does not tolerate it is still unknown
+    problems = _problems(LINEAR + "layer_range: [0, 2]\n")
+    assert problems == [
+        "layer_range: unknown key 'layer_range' (allowed keys: base_model, dtype, merge_method, "
+        "models, name, out_dtype, parameters, seed, slices, tokenizer_source)"
+    ]

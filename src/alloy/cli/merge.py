@@ -38,6 +38,25 @@ def parse_size(text: str) -> int:
     return int(value * units[unit])
 
 
+# What alloy does instead of what these mergekit flags ask for (the flags are accepted).
+MERGEKIT_NOTES = {
+    "--lazy-unpickle": "alloy always reads weights lazily, one tensor at a time "
+    "(.bin pickles only with --allow-pickle)",
+    "--allow-crimes": "alloy merges only models of one architecture with the same tensor names "
+    "and shapes, and says what differs otherwise",
+}
+
+
+def _kmb(text: str) -> int:
+    """mergekit's --out-shard-size: an integer with an optional K, M or B (10^3, 10^6, 10^9)."""
+    cleaned = text.strip()
+    scale = {"k": 10**3, "m": 10**6, "b": 10**9}.get(cleaned[-1:].lower(), 1)
+    digits = cleaned[:-1] if scale > 1 else cleaned
+    if not digits.isdigit() or int(digits) == 0:
+        raise InputError(f"--out-shard-size {text!r}: expected a size such as 5B, 500M or 1000K")
+    return int(digits) * scale
+
+
 def run_with_progress(
     label: str, merge_plan: Any, console: Console, *, quiet: bool, **options: Any
 ) -> Path:
@@ -77,14 +96,45 @@ def merge(
         bool,
         typer.Option("--verbose", "-v", help="With --dry-run, list every tensor (not each layer)."),
     ] = False,
+    cuda: Annotated[
+        bool, typer.Option("--cuda", help="mergekit's spelling of --device cuda.")
+    ] = False,
+    out_shard_size: Annotated[
+        str | None,
+        typer.Option(help="mergekit's shard size (5B, 500M; bytes, as its writer counts them)."),
+    ] = None,
+    copy_tokenizer: Annotated[
+        bool, typer.Option(help="Copy the tokenizer files (mergekit's flag).")
+    ] = True,
+    write_model_card: Annotated[
+        bool, typer.Option(help="Write README.md, the model card (mergekit's flag).")
+    ] = True,
+    lazy_unpickle: Annotated[
+        bool, typer.Option("--lazy-unpickle", help="Accepted for mergekit scripts; see the note.")
+    ] = False,
+    allow_crimes: Annotated[
+        bool, typer.Option("--allow-crimes", help="Accepted for mergekit scripts; see the note.")
+    ] = False,
 ) -> None:
-    """Merge the models of RECIPE into OUT (mergekit-compatible YAML)."""
+    """Merge the models of RECIPE into OUT (mergekit-compatible YAML).
+
+    mergekit-yaml's flags work too; OUT holds the recipe as mergekit_config.yml. Example:
+
+    alloy merge recipe.yml out --cuda --out-shard-size 1B --no-copy-tokenizer
+    """
     from alloy.device import resolve_device
     from alloy.io.atomic import check_output_folder
     from alloy.io.writable import check_writable
     from alloy.merge.api import plan
 
-    max_shard_bytes = parse_size(shard_size)
+    if cuda:
+        if device != "cpu" and not device.startswith("cuda"):
+            raise InputError(f"--cuda and --device {device} disagree; give one of them")
+        device = "cuda" if device == "cpu" else device
+    max_shard_bytes = parse_size(shard_size) if out_shard_size is None else _kmb(out_shard_size)
+    for flag, given in (("--lazy-unpickle", lazy_unpickle), ("--allow-crimes", allow_crimes)):
+        if given:
+            typer.echo(f"note: {flag}: {MERGEKIT_NOTES[flag]}", err=True)
     if not dry_run:
         check_output_folder(out, force=force)
         check_writable(out, "OUT")  # before planning or reading anything
@@ -109,6 +159,8 @@ def merge(
         allow_pickle=allow_pickle,
         hash_inputs=not no_hash,
         command=command,
+        copy_tokenizer=copy_tokenizer,
+        write_model_card=write_model_card,
     )
     if not quiet:
         size = merge_plan.output_bytes / 1e6
@@ -146,9 +198,23 @@ def _recipe_kind(raw: dict[str, Any]) -> str:
         return "ensemble"
     if "objective" in raw:
         return "train"
-    if "merge_method" not in raw and ("experts" in raw or "num_experts" in raw):
+    if "merge_method" not in raw and _looks_like_moe(raw):
         return "moe"
     return "merge"
+
+
+def _looks_like_moe(raw: dict[str, Any]) -> bool:
+    """Whether a recipe without `merge_method` is a mergekit-moe one: it has a key only MoE
+    recipes have (`gate_mode`, `experts_per_token`, ...), or a misspelling of one (`expert:`),
+    so that its problems are reported against the MoE schema, not as a missing merge_method."""
+    import difflib
+
+    from alloy.merge.recipe import Recipe
+    from alloy.moe.recipe import MoeRecipeSchema
+
+    own = set(MoeRecipeSchema.model_fields) - set(Recipe.model_fields)
+    others = [str(k) for k in raw if k not in Recipe.model_fields]
+    return any(k in own or difflib.get_close_matches(k, own, n=1, cutoff=0.85) for k in others)
 
 
 def _validate_merge(recipe: Path, allow_pickle: bool, recipe_only: bool) -> list[str]:
@@ -157,6 +223,8 @@ def _validate_merge(recipe: Path, allow_pickle: bool, recipe_only: bool) -> list
 
     if recipe_only:
         parsed = load_recipe(recipe)
+        for warning in parsed.warnings:
+            typer.echo(f"warning: {warning}", err=True)
         return [f"ok: {parsed.method.name} recipe with {len(parsed.model_paths())} models"]
     merge_plan = plan(recipe, allow_pickle=allow_pickle)
     for warning in merge_plan.warnings:

@@ -79,17 +79,20 @@ def copy_side_files(
     dest: Path,
     config_updates: Mapping[str, Any],
     tokenizer_donor: Path | None = None,
+    tokenizer: bool = True,
 ) -> list[str]:
     """Copy the donor's side files into `dest`, applying `config_updates` to config.json.
 
-    Tokenizer files (and chat templates) come from `tokenizer_donor` when given, the model files
-    (config, generation config) always from `donor`. Returns the names copied. Raises
-    CheckpointError if updates are asked for and the donor has no readable config.json.
+    Tokenizer files (and chat templates) come from `tokenizer_donor` when given (none with
+    `tokenizer=False`), the model files (config, generation config) always from `donor`. Returns
+    the names copied. Raises CheckpointError if updates are asked for and the donor has no
+    readable config.json.
     """
     copied = []
     tokenizer_folder = tokenizer_donor or donor
     sources = [(donor, p) for p in side_files(donor, MODEL_FILES)]
-    sources += [(tokenizer_folder, p) for p in side_files(tokenizer_folder, TOKENIZER_FILES)]
+    names = TOKENIZER_FILES if tokenizer else ()
+    sources += [(tokenizer_folder, p) for p in side_files(tokenizer_folder, names)]
     for folder, source in sources:
         relative = source.relative_to(folder)
         target = dest / relative

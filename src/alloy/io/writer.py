@@ -86,6 +86,7 @@ class CheckpointWriter:
             template) are copied; `config_updates` are applied to its config.json.
         tokenizer_donor: a model folder whose tokenizer files and chat templates are copied
             instead of the donor's.
+        copy_tokenizer: False copies no tokenizer files or chat templates at all.
         model_card: text written as README.md, or a function returning it, called once all
             tensors are written (so slow parts, like hashing inputs, can overlap the writing).
         extra_files: more files to write, name -> text.
@@ -105,6 +106,7 @@ class CheckpointWriter:
         force: bool = False,
         donor: str | os.PathLike[str] | None = None,
         tokenizer_donor: str | os.PathLike[str] | None = None,
+        copy_tokenizer: bool = True,
         config_updates: Mapping[str, Any] | None = None,
         model_card: str | Callable[[], str] | None = None,
         extra_files: Mapping[str, str] | None = None,
@@ -120,6 +122,7 @@ class CheckpointWriter:
         self.specs = specs
         self.donor = Path(donor) if donor is not None else None
         self.tokenizer_donor = Path(tokenizer_donor) if tokenizer_donor is not None else None
+        self.copy_tokenizer = copy_tokenizer
         self.config_updates = dict(config_updates or {})
         self.model_card = model_card
         self.extra_files = dict(extra_files or {})
@@ -253,7 +256,13 @@ class CheckpointWriter:
                 json.dumps(index, indent=2) + "\n", encoding="utf-8"
             )
         if self.donor is not None:
-            copy_side_files(self.donor, self._tmp, self.config_updates, self.tokenizer_donor)
+            copy_side_files(
+                self.donor,
+                self._tmp,
+                self.config_updates,
+                self.tokenizer_donor,
+                tokenizer=self.copy_tokenizer,
+            )
         elif self.config_updates:
             raise AlloyError("config_updates given without a donor config")
         if self.model_card is not None:

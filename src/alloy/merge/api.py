@@ -21,6 +21,9 @@ from alloy.merge.plan import MergePlan, plan_merge, tensor_seed
 from alloy.merge.recipe import Recipe, load_recipe
 from alloy.merge.registry import get_method
 
+# mergekit writes the recipe it ran under this name in the output folder; so does alloy.
+MERGEKIT_CONFIG = "mergekit_config.yml"
+
 
 def plan(
     recipe: str | os.PathLike[str] | Mapping[str, Any] | Recipe, *, allow_pickle: bool = False
@@ -41,6 +44,8 @@ def merge(
     hash_inputs: bool = True,
     command: str | None = None,
     on_tensor: Progress | None = None,
+    copy_tokenizer: bool = True,
+    write_model_card: bool = True,
 ) -> Path:
     """Merge the models of a recipe (a YAML path, YAML text, a mapping, a Recipe, or the
     MergePlan that `plan` returned) into `out`.
@@ -52,13 +57,21 @@ def merge(
         hash_inputs: record the SHA-256 of every input weight file in the model card (read in a
             background thread while the merge runs).
         command: the command line to record in the model card.
+        copy_tokenizer: False writes no tokenizer files (mergekit's --no-copy-tokenizer).
+        write_model_card: False writes no README.md (mergekit's --no-write-model-card).
+
+    Beside the weights, `mergekit_config.yml` holds the recipe as mergekit writes it there.
     """
     merge_plan = (
         recipe if isinstance(recipe, MergePlan) else plan(recipe, allow_pickle=allow_pickle)
     )
     check_output_folder(Path(out), force=force)  # before any input is hashed or read
     with ThreadPoolExecutor(1, thread_name_prefix="alloy-hash") as hasher:
-        card = _card_later(merge_plan, command, hasher if hash_inputs else None, allow_pickle)
+        card = (
+            _card_later(merge_plan, command, hasher if hash_inputs else None, allow_pickle)
+            if write_model_card
+            else None
+        )
         return execute(
             merge_plan,
             out,
@@ -68,6 +81,8 @@ def merge(
             model_card=card,
             allow_pickle=allow_pickle,
             on_tensor=on_tensor,
+            copy_tokenizer=copy_tokenizer,
+            extra_files={MERGEKIT_CONFIG: merge_plan.recipe.source_yaml()},
         )
 
 

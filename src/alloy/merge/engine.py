@@ -27,7 +27,7 @@ import ctypes
 import ctypes.util
 import os
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -93,10 +93,13 @@ def execute(
     model_card: str | Callable[[], str] | None = None,
     allow_pickle: bool = False,
     on_tensor: Progress | None = None,
+    copy_tokenizer: bool = True,
+    extra_files: Mapping[str, str] | None = None,
     read_ahead_bytes: int = READ_AHEAD_BYTES,
     whole_bytes: int = WHOLE_BYTES,
 ) -> Path:
-    """Run a plan and write the merged checkpoint to `out` atomically."""
+    """Run a plan and write the merged checkpoint to `out` atomically (`extra_files`: name ->
+    text, written beside it; `copy_tokenizer=False`: no tokenizer files)."""
     target = resolve_device(device)
     tune_allocator()
     specs = [TensorSpec(job.name, job.shape, job.out_dtype) for job in plan.jobs]
@@ -112,8 +115,10 @@ def execute(
                 force=force,
                 donor=plan.donor,
                 tokenizer_donor=plan.tokenizer_donor,
+                copy_tokenizer=copy_tokenizer,
                 config_updates=plan.config_updates,
                 model_card=model_card,
+                extra_files=extra_files,
             )
         )
         # Each reader and worker runs single-threaded torch ops (readers fold the adapters of

@@ -204,7 +204,7 @@ def plan_merge(recipe: Recipe, *, allow_pickle: bool = False) -> MergePlan:
         donor_key = str(choose_donor(recipe.base_model, [str(p) for p in paths]))
         donor = by_path[donor_key]
         problems = ProblemCollector()
-        warnings: list[str] = []
+        warnings: list[str] = recipe.warnings  # keys mergekit ignores, ignored too
         check_compatible(by_path, donor_key, problems, warnings)
         tokenizer_donor = choose_tokenizer_donor(recipe, donor.path, problems)
         problems.raise_if_any(IncompatibleModelsError, "these models cannot be merged")

@@ -20,10 +20,11 @@ from __future__ import annotations
 import copy
 import os
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, NamedTuple
 
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import Field, PrivateAttr, ValidationError
 from pydantic_core import ErrorDetails
 
 from alloy.errors import ProblemCollector, RecipeError, did_you_mean
@@ -79,6 +80,22 @@ class Recipe(_Strict):
     dtype: DType | None = None
     out_dtype: DType | None = None
     seed: int | None = None
+    # What mergekit tolerates without effect and alloy ignores too, one line each (load_recipe).
+    _warnings: list[str] = PrivateAttr(default_factory=list)
+    _text: str | None = PrivateAttr(default=None)  # the YAML as written, when read from YAML
+
+    def __eq__(self, other: object) -> bool:
+        # The same recipe whether read from a file, from text or from a mapping.
+        if not isinstance(other, Recipe):
+            return NotImplemented
+        return self.model_dump() == other.model_dump()
+
+    __hash__ = StrictModel.__hash__
+
+    @property
+    def warnings(self) -> list[str]:
+        """Keys and parameters that were ignored, as mergekit ignores them, each with its path."""
+        return list(self._warnings)
 
     @property
     def method(self) -> MethodSpec:
@@ -146,6 +163,11 @@ class Recipe(_Strict):
                 return round(value) if param.kind is int and isinstance(value, float) else value
         return param.default
 
+    def source_yaml(self) -> str:
+        """The recipe's YAML as the user wrote it (comments and all), as mergekit keeps it in
+        `mergekit_config.yml`; `to_yaml()` for a recipe given as a mapping."""
+        return self._text if self._text is not None else self.to_yaml()
+
     def to_yaml(self) -> str:
         """The recipe as YAML that `load_recipe` reads back to an equal recipe."""
         data = self.model_dump(mode="json", exclude_none=True)
@@ -192,6 +214,7 @@ def load_recipe(source: str | os.PathLike[str] | Mapping[str, Any]) -> Recipe:
         RecipeError: with every problem found, each with its YAML path.
     """
     raw, origin = read_recipe(source, "recipe", "merge_method:, models:, ...")
+    raw, warnings = _without_tolerated_keys(raw)
     problems = ProblemCollector()
     recipe = _parse_schema(raw, problems)
     for issue in _issues(recipe) if recipe is not None else []:
@@ -199,7 +222,71 @@ def load_recipe(source: str | os.PathLike[str] | Mapping[str, Any]) -> Recipe:
     problems.problems = list(dict.fromkeys(problems.problems))  # slices repeat base problems
     problems.raise_if_any(RecipeError, f"invalid recipe ({origin})")
     assert recipe is not None
+    recipe._warnings = warnings + list(dict.fromkeys(_unused_parameters(recipe)))
+    if isinstance(source, str) and origin == "<text>":
+        recipe._text = source
+    elif not isinstance(source, Mapping):
+        recipe._text = Path(source).read_text(encoding="utf-8")
     return recipe
+
+
+# Keys mergekit 0.1.5's schema does not have, so that it reads past them without effect; alloy
+# ignores them too, with a warning, so that recipes written for mergekit run unchanged.
+_TOLERATED_KEYS = {
+    "input_model_parameters": "mergekit's README names it, but its recipe schema has no such "
+    "key; give per-model parameters under models[i].parameters",
+}
+_TOLERATED_MODEL_KEYS = {
+    "layer_range": "a layer range applies only to slice sources; use `slices:` to take layers",
+}
+
+
+def _without_tolerated_keys(raw: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """`raw` without the keys mergekit ignores, and one warning per key removed."""
+    warnings = []
+    cleaned = dict(raw)
+    for key, why in _TOLERATED_KEYS.items():
+        if key in cleaned:
+            del cleaned[key]
+            warnings.append(f"{key}: ignored, as mergekit ignores it ({why})")
+    models = cleaned.get("models")
+    if isinstance(models, list):
+        cleaned["models"] = models = [dict(m) if isinstance(m, Mapping) else m for m in models]
+        for i, entry in enumerate(models):
+            for key, why in _TOLERATED_MODEL_KEYS.items():
+                if isinstance(entry, dict) and key in entry:
+                    del entry[key]
+                    warnings.append(f"models[{i}].{key}: ignored, as mergekit ignores it ({why})")
+    return cleaned, warnings
+
+
+def _parameter_users() -> dict[str, list[str]]:
+    """Each parameter name of the registry -> the methods that take it."""
+    users: dict[str, list[str]] = {}
+    for name, spec in sorted(all_methods().items()):
+        for param in spec.params:
+            users.setdefault(param, []).append(name)
+    return users
+
+
+def _unused_parameters(recipe: Recipe) -> Iterator[str]:
+    """A warning for each parameter the method does not take but another method does: mergekit
+    resolves only the parameters a method declares, so it ignores these (`weight` on slerp or
+    model_stock, `density` on linear); a name no method takes is an error (see _setting_issues)."""
+    method = all_methods().get(recipe.merge_method)
+    if method is None:
+        return
+    users = _parameter_users()
+    for group in _groups(recipe):
+        scopes = list(group.shared) + [(f"{w}.parameters", p) for w, _, p in group.entries]
+        for where, params in scopes:
+            for key in params or {}:
+                if key not in method.params and key in users:
+                    takers = ", ".join(users[key][:3]) + (", ..." if len(users[key]) > 3 else "")
+                    yield (
+                        f"{where}.{key}: {method.name} does not use {key!r} ({takers} do); "
+                        "ignored, as mergekit ignores it"
+                    )
 
 
 class _Dumper(yaml.SafeDumper):
@@ -371,6 +458,8 @@ def _setting_issues(
 ) -> Iterator[_Issue]:
     """Problems of one setting; `move_to` is where shared parameters belong, if not here."""
     param = method.params.get(key)
+    if param is None and key in _parameter_users():
+        return  # another method's parameter: ignored with a warning (_unused_parameters)
     if param is None:
         hint = did_you_mean(key, method.params, f"{method.name} takes")
         yield where, f"{method.name} has no parameter {key!r}", hint
