@@ -132,38 +132,13 @@ def heldout_top1(model: Any, heads: Any, windows: list[list[int]]) -> list[float
     return [h / c for h, c in zip(hits, counts, strict=True)]
 
 
-def acceptance(
-    model: Any, heads: Any, prompts: list[list[int]], new_tokens: int, eos: set[int], draft: int
-) -> dict[str, Any]:
-    from alloy.mtp.speculative import greedy, speculative_greedy
-
-    accepted, steps, tokens, forwards, exact = 0, 0, 0, 0, 0
-    for prompt in prompts:
-        plain = greedy(model, prompt, max_new_tokens=new_tokens, eos=eos)
-        fast = speculative_greedy(
-            model, heads, prompt, max_new_tokens=new_tokens, eos=eos, draft=draft
-        )
-        exact += fast.tokens == plain.tokens
-        accepted += sum(fast.accepted)
-        steps += len(fast.accepted)
-        tokens += len(fast.tokens)
-        forwards += fast.forwards
-    return {
-        "draft": draft,
-        "accepted_per_step": accepted / max(1, steps),
-        "tokens_per_forward": tokens / max(1, forwards),
-        "exact": exact,
-        "prompts": len(prompts),
-        "tokens": tokens,
-    }
-
-
 def run_model(args: argparse.Namespace, key: str, index: int) -> dict[str, Any]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from alloy.mtp.cli import eos_ids
     from alloy.mtp.heads import MTPHeads, load_heads
+    from alloy.mtp.speculative import acceptance
 
     out = args.root / "experiments" / "mtp" / key
     spec = recipe(args, key, args.steps[index])
@@ -196,9 +171,12 @@ def run_model(args: argparse.Namespace, key: str, index: int) -> dict[str, Any]:
         "windows": len(windows),
         "acceptance": {
             "trained": [
-                acceptance(model, trained, prompts, new_tokens, eos, d) for d in range(1, HEADS + 1)
+                acceptance(model, trained, prompts, max_new_tokens=new_tokens, eos=eos, draft=d)
+                for d in range(1, HEADS + 1)
             ],
-            "untrained": [acceptance(model, start, prompts, new_tokens, eos, HEADS)],
+            "untrained": [
+                acceptance(model, start, prompts, max_new_tokens=new_tokens, eos=eos, draft=HEADS)
+            ],
         },
         "prompts": len(prompts),
         "new_tokens": new_tokens,

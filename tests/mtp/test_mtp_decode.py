@@ -12,7 +12,7 @@ import torch
 
 from alloy.lab.tiny import tiny_model
 from alloy.mtp.heads import MTPHeads, trunk, unembed
-from alloy.mtp.speculative import accepted_prefix, greedy, speculative_greedy
+from alloy.mtp.speculative import acceptance, accepted_prefix, greedy, speculative_greedy
 
 PROMPTS = [[1, 5, 6, 7], [1, 9], [1, 20, 21, 22, 23, 24, 25, 26, 27], [1]]
 
@@ -79,6 +79,11 @@ def test_heads_that_are_right_are_accepted() -> None:
     assert decoded.tokens == reference
     assert decoded.accepted[-3:] == [3, 3, 3]
     assert decoded.forwards < len(reference) / 2
+    # the summary the experiment, the benchmark and the demo report, from the same decode
+    summary = acceptance(flat, heads, [[1, 7]] * 2, max_new_tokens=20, eos=set(), draft=3)
+    assert summary["exact"] == summary["prompts"] == 2 and summary["draft"] == 3
+    assert summary["accepted_per_step"] == sum(decoded.accepted) / len(decoded.accepted)
+    assert summary["tokens_per_forward"] == len(reference) / decoded.forwards
 
 
 def test_eos_and_max_new_tokens_edges(model: Any) -> None:

@@ -211,25 +211,21 @@ def speculative_report(folder: Path, prompts: list[str], new_tokens: int) -> dic
     from alloy.eval.scorer import load_pretrained, start_ids
     from alloy.mtp.cli import eos_ids
     from alloy.mtp.heads import load_heads
-    from alloy.mtp.speculative import greedy, speculative_greedy
+    from alloy.mtp.speculative import acceptance
 
     tokenizer = load_pretrained(folder, AutoTokenizer, "model")
     model = load_pretrained(folder, AutoModelForCausalLM, "model").eval()
-    heads = load_heads(model, folder)
+    ids = [
+        start_ids(tokenizer) + list(tokenizer(p, add_special_tokens=False)["input_ids"])
+        for p in prompts
+    ]
     eos = eos_ids(model, tokenizer)
-    same, accepted, steps, tokens, forwards = 0, 0, 0, 0, 0
-    for prompt in prompts:
-        ids = start_ids(tokenizer) + list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
-        plain = greedy(model, ids, max_new_tokens=new_tokens, eos=eos)
-        fast = speculative_greedy(model, heads, ids, max_new_tokens=new_tokens, eos=eos)
-        same += fast.tokens == plain.tokens
-        accepted, steps = accepted + sum(fast.accepted), steps + len(fast.accepted)
-        tokens, forwards = tokens + len(fast.tokens), forwards + fast.forwards
+    result = acceptance(model, load_heads(model, folder), ids, max_new_tokens=new_tokens, eos=eos)
     return {
-        "prompts": len(prompts),
-        "identical_to_greedy": same,
-        "accepted_per_step": accepted / max(1, steps),
-        "tokens_per_forward": tokens / max(1, forwards),
+        "prompts": result["prompts"],
+        "identical_to_greedy": result["exact"],
+        "accepted_per_step": result["accepted_per_step"],
+        "tokens_per_forward": result["tokens_per_forward"],
     }
 
 

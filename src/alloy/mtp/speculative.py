@@ -156,3 +156,36 @@ def speculative_greedy(
             cache.crop(-(len(block) - a - 1))
         drafts = _drafts(model, heads, capture, head_caches, keep=a + 1)
         y = predicted[a]
+
+
+def acceptance(
+    model: Any,
+    heads: MTPHeads,
+    prompts: list[list[int]],
+    *,
+    max_new_tokens: int,
+    eos: set[int],
+    draft: int | None = None,
+) -> dict[str, Any]:
+    """Plain greedy against speculative greedy decoding of every prompt: how many outputs are
+    identical (all of them, unless something is wrong), drafts accepted per verify step and
+    tokens per model forward."""
+    accepted, steps, tokens, forwards, exact = 0, 0, 0, 0, 0
+    for prompt in prompts:
+        plain = greedy(model, prompt, max_new_tokens=max_new_tokens, eos=eos)
+        fast = speculative_greedy(
+            model, heads, prompt, max_new_tokens=max_new_tokens, eos=eos, draft=draft
+        )
+        exact += fast.tokens == plain.tokens
+        accepted += sum(fast.accepted)
+        steps += len(fast.accepted)
+        tokens += len(fast.tokens)
+        forwards += fast.forwards
+    return {
+        "draft": len(heads) if draft is None else draft,
+        "accepted_per_step": accepted / max(1, steps),
+        "tokens_per_forward": tokens / max(1, forwards),
+        "exact": exact,
+        "prompts": len(prompts),
+        "tokens": tokens,
+    }
