@@ -65,10 +65,19 @@ def read_recipe(
     Raises:
         RecipeError: unreadable file, invalid YAML, or not a mapping (`keys` shows an example).
     """
+    raw, origin, _ = read_recipe_text(source, what, keys)
+    return raw, origin
+
+
+def read_recipe_text(
+    source: str | os.PathLike[str] | Mapping[str, Any], what: str, keys: str
+) -> tuple[dict[str, Any], str, str | None]:
+    """`read_recipe`, and the YAML text as written (comments and all; None for a mapping)."""
+    text: str | None
     if isinstance(source, Mapping):
-        raw, origin = dict(source), "<mapping>"
+        raw, origin, text = dict(source), "<mapping>", None
     elif isinstance(source, str) and ("\n" in source or not source.endswith((".yaml", ".yml"))):
-        raw, origin = read_yaml(source, "<text>"), "<text>"
+        raw, origin, text = read_yaml(source, "<text>"), "<text>", source
     else:
         try:
             text = Path(source).read_text(encoding="utf-8")
@@ -77,7 +86,7 @@ def read_recipe(
         raw, origin = read_yaml(text, str(source)), str(source)
     if not isinstance(raw, dict):
         raise RecipeError(f"{origin}: a {what} must be a mapping ({keys})")
-    return raw, origin
+    return raw, origin, text
 
 
 Schema = TypeVar("Schema", bound=BaseModel)

@@ -20,7 +20,6 @@ from __future__ import annotations
 import copy
 import os
 from collections.abc import Iterator, Mapping
-from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, NamedTuple
 
 import yaml
@@ -28,8 +27,9 @@ from pydantic import Field, PrivateAttr, ValidationError
 from pydantic_core import ErrorDetails
 
 from alloy.errors import ProblemCollector, RecipeError, did_you_mean
-from alloy.io.yamlfile import StrictModel, read_recipe
+from alloy.io.yamlfile import StrictModel, read_recipe_text
 from alloy.merge.registry import MethodSpec, Param, all_methods, get_method
+from alloy.merge.tolerated import parameter_users, without_tolerated_keys
 
 Scalar = bool | int | float | str
 Setting = Any  # Scalar | list[Scalar] | {filter, value} | list[{filter, value}]
@@ -213,8 +213,8 @@ def load_recipe(source: str | os.PathLike[str] | Mapping[str, Any]) -> Recipe:
     Raises:
         RecipeError: with every problem found, each with its YAML path.
     """
-    raw, origin = read_recipe(source, "recipe", "merge_method:, models:, ...")
-    raw, warnings = _without_tolerated_keys(raw)
+    raw, origin, text = read_recipe_text(source, "recipe", "merge_method:, models:, ...")
+    raw, warnings = without_tolerated_keys(raw)
     problems = ProblemCollector()
     recipe = _parse_schema(raw, problems)
     for issue in _issues(recipe) if recipe is not None else []:
@@ -223,50 +223,8 @@ def load_recipe(source: str | os.PathLike[str] | Mapping[str, Any]) -> Recipe:
     problems.raise_if_any(RecipeError, f"invalid recipe ({origin})")
     assert recipe is not None
     recipe._warnings = warnings + list(dict.fromkeys(_unused_parameters(recipe)))
-    if isinstance(source, str) and origin == "<text>":
-        recipe._text = source
-    elif not isinstance(source, Mapping):
-        recipe._text = Path(source).read_text(encoding="utf-8")
+    recipe._text = text
     return recipe
-
-
-# Keys mergekit 0.1.5's schema does not have, so that it reads past them without effect; alloy
-# ignores them too, with a warning, so that recipes written for mergekit run unchanged.
-_TOLERATED_KEYS = {
-    "input_model_parameters": "mergekit's README names it, but its recipe schema has no such "
-    "key; give per-model parameters under models[i].parameters",
-}
-_TOLERATED_MODEL_KEYS = {
-    "layer_range": "a layer range applies only to slice sources; use `slices:` to take layers",
-}
-
-
-def _without_tolerated_keys(raw: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
-    """`raw` without the keys mergekit ignores, and one warning per key removed."""
-    warnings = []
-    cleaned = dict(raw)
-    for key, why in _TOLERATED_KEYS.items():
-        if key in cleaned:
-            del cleaned[key]
-            warnings.append(f"{key}: ignored, as mergekit ignores it ({why})")
-    models = cleaned.get("models")
-    if isinstance(models, list):
-        cleaned["models"] = models = [dict(m) if isinstance(m, Mapping) else m for m in models]
-        for i, entry in enumerate(models):
-            for key, why in _TOLERATED_MODEL_KEYS.items():
-                if isinstance(entry, dict) and key in entry:
-                    del entry[key]
-                    warnings.append(f"models[{i}].{key}: ignored, as mergekit ignores it ({why})")
-    return cleaned, warnings
-
-
-def _parameter_users() -> dict[str, list[str]]:
-    """Each parameter name of the registry -> the methods that take it."""
-    users: dict[str, list[str]] = {}
-    for name, spec in sorted(all_methods().items()):
-        for param in spec.params:
-            users.setdefault(param, []).append(name)
-    return users
 
 
 def _unused_parameters(recipe: Recipe) -> Iterator[str]:
@@ -276,7 +234,7 @@ def _unused_parameters(recipe: Recipe) -> Iterator[str]:
     method = all_methods().get(recipe.merge_method)
     if method is None:
         return
-    users = _parameter_users()
+    users = parameter_users()
     for group in _groups(recipe):
         scopes = list(group.shared) + [(f"{w}.parameters", p) for w, _, p in group.entries]
         for where, params in scopes:
@@ -458,7 +416,7 @@ def _setting_issues(
 ) -> Iterator[_Issue]:
     """Problems of one setting; `move_to` is where shared parameters belong, if not here."""
     param = method.params.get(key)
-    if param is None and key in _parameter_users():
+    if param is None and key in parameter_users():
         return  # another method's parameter: ignored with a warning (_unused_parameters)
     if param is None:
         hint = did_you_mean(key, method.params, f"{method.name} takes")
