@@ -58,6 +58,24 @@ def demo_recipes(
     }
 
 
+def small_base_recipe(
+    name: str, objective: str, family: Path, preset: Preset, root: Path, seed: int, **fields: Any
+) -> dict[str, Any]:
+    """An `alloy train` recipe starting from the small base on the lab corpus under `root`:
+    the fields every demo training shares (batch and context of the preset, seed), then
+    `fields` (data, schedule, steps, ...), which may override them."""
+    return {
+        "name": f"demo: {name}",
+        "objective": objective,
+        "model": str(family / "small" / "base"),
+        "lab": str(root),
+        "batch_size": preset.batch,
+        "sequence_length": preset.seq_len,
+        "seed": seed,
+        **fields,
+    }
+
+
 def distill_recipe(
     family: Path, domains: list[str], preset: Preset, root: Path, recipes: Path, seed: int
 ) -> dict[str, Any]:
@@ -73,20 +91,19 @@ def distill_recipe(
     teacher = recipes / "experts-mixture.yaml"
     teacher.write_text(yaml.safe_dump(mixture, sort_keys=False))
     stage = preset.expert["small"]
-    recipe = {
-        "name": "demo: the experts' mixture distilled into the small base",
-        "objective": "distill",
-        "model": str(family / "small" / "base"),
-        "teacher": {"model": str(teacher), "loss": "forward_kl", "alpha": 0.5},
-        "data": [{"name": d, "corpus": d} for d in domains],
-        "lab": str(root),
-        "schedule": {"name": "cosine", "lr": stage.lr, "warmup": stage.warmup},
-        "optimizer": {"name": "adamw", "weight_decay": 0.1, "betas": [0.9, 0.95]},
-        "max_steps": stage.steps * 2,
-        "batch_size": preset.batch,
-        "sequence_length": preset.seq_len,
-        "seed": seed,
-    }
+    recipe = small_base_recipe(
+        "the experts' mixture distilled into the small base",
+        "distill",
+        family,
+        preset,
+        root,
+        seed,
+        teacher={"model": str(teacher), "loss": "forward_kl", "alpha": 0.5},
+        data=[{"name": d, "corpus": d} for d in domains],
+        schedule={"name": "cosine", "lr": stage.lr, "warmup": stage.warmup},
+        optimizer={"name": "adamw", "weight_decay": 0.1, "betas": [0.9, 0.95]},
+        max_steps=stage.steps * 2,
+    )
     (recipes / "distill-experts.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
     return recipe
 
@@ -95,20 +112,19 @@ def lora_recipe(family: Path, domain: str, preset: Preset, root: Path, seed: int
     """A LoRA expert of one domain on the small base: the full expert's recipe with an
     `adapter:` (rank 8 on every linear layer) at 5x its peak learning rate."""
     stage = preset.expert["small"]
-    return {
-        "name": f"demo: LoRA expert {domain}",
-        "objective": "causal_lm",
-        "model": str(family / "small" / "base"),
-        "adapter": {"type": "lora", "rank": 8, "alpha": 16},
-        "data": [{"name": domain, "corpus": domain}],
-        "lab": str(root),
-        "schedule": {"name": "cosine", "lr": stage.lr * 5, "warmup": stage.warmup},
-        "optimizer": {"name": "adamw", "weight_decay": 0.0, "betas": [0.9, 0.95]},
-        "max_steps": stage.steps,
-        "batch_size": preset.batch,
-        "sequence_length": preset.seq_len,
-        "seed": seed,
-    }
+    return small_base_recipe(
+        f"LoRA expert {domain}",
+        "causal_lm",
+        family,
+        preset,
+        root,
+        seed,
+        adapter={"type": "lora", "rank": 8, "alpha": 16},
+        data=[{"name": domain, "corpus": domain}],
+        schedule={"name": "cosine", "lr": stage.lr * 5, "warmup": stage.warmup},
+        optimizer={"name": "adamw", "weight_decay": 0.0, "betas": [0.9, 0.95]},
+        max_steps=stage.steps,
+    )
 
 
 def improve_files(corpus: Path, domains: list[str], liked: str, work: Path) -> dict[str, Path]:
@@ -138,19 +154,19 @@ def reward_recipe(
     family: Path, pairs: Path, preset: Preset, root: Path, seed: int
 ) -> dict[str, Any]:
     stage = preset.expert["small"]
-    return {
-        "name": "demo: reward model",
-        "objective": "reward",
-        "model": str(family / "small" / "base"),
-        "data": [{"name": "pairs", "path": str(pairs), "kind": "preference"}],
-        "lab": str(root),
-        "schedule": {"name": "cosine", "lr": stage.lr, "warmup": stage.warmup},
-        "optimizer": {"name": "adamw", "weight_decay": 0.0},
-        "max_steps": 40,
-        "batch_size": preset.batch,
-        "sequence_length": min(64, preset.seq_len),
-        "seed": seed,
-    }
+    return small_base_recipe(
+        "reward model",
+        "reward",
+        family,
+        preset,
+        root,
+        seed,
+        data=[{"name": "pairs", "path": str(pairs), "kind": "preference"}],
+        schedule={"name": "cosine", "lr": stage.lr, "warmup": stage.warmup},
+        optimizer={"name": "adamw", "weight_decay": 0.0},
+        max_steps=40,
+        sequence_length=min(64, preset.seq_len),
+    )
 
 
 def raft_recipe(
@@ -188,19 +204,18 @@ def mtp_recipe(
 ) -> dict[str, Any]:
     """Two multi-token-prediction heads trained beside the frozen small base on every domain."""
     stage = preset.expert["small"]
-    return {
-        "name": "demo: MTP heads on the small base",
-        "objective": "mtp",
-        "model": str(family / "small" / "base"),
-        "mtp": {"heads": 2},
-        "data": [{"name": d, "corpus": d} for d in domains],
-        "lab": str(root),
-        "schedule": {"name": "cosine", "lr": 2e-3, "warmup": stage.warmup},
-        "max_steps": stage.steps * 2,
-        "batch_size": preset.batch,
-        "sequence_length": preset.seq_len,
-        "seed": seed,
-    }
+    return small_base_recipe(
+        "MTP heads on the small base",
+        "mtp",
+        family,
+        preset,
+        root,
+        seed,
+        mtp={"heads": 2},
+        data=[{"name": d, "corpus": d} for d in domains],
+        schedule={"name": "cosine", "lr": 2e-3, "warmup": stage.warmup},
+        max_steps=stage.steps * 2,
+    )
 
 
 def speculative_report(folder: Path, prompts: list[str], new_tokens: int) -> dict[str, Any]:
