@@ -18,7 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from alloy.cli.main import ALLOW_PICKLE, FORCE, app
-from alloy.cli.moe import MergekitFlagsCommand
+from alloy.cli.moe import LAZY_READS, MergekitFlagsCommand
 from alloy.errors import InputError
 
 
@@ -40,8 +40,7 @@ def parse_size(text: str) -> int:
 
 # What alloy does instead of what these mergekit flags ask for (the flags are accepted).
 MERGEKIT_NOTES = {
-    "--lazy-unpickle": "alloy always reads weights lazily, one tensor at a time "
-    "(.bin pickles only with --allow-pickle)",
+    "--lazy-unpickle": LAZY_READS,
     "--allow-crimes": "alloy merges only models of one architecture with the same tensor names "
     "and shapes, and says what differs otherwise",
 }

@@ -21,10 +21,11 @@ from alloy.errors import InputError
 
 # Flags of mergekit and mergekit-moe that alloy has no use for, with what to do instead (click
 # would suggest the nearest spelling: --allow-pickle for --lazy-unpickle, which is wrong).
-MERGEKIT_FLAGS = {
-    "--lazy-unpickle": "alloy always reads weights lazily, one tensor at a time; drop the flag "
-    "(--allow-pickle is only for reading PyTorch .bin pickles)",
-}
+LAZY_READS = (
+    "alloy always reads weights lazily, one tensor at a time "
+    "(--allow-pickle is only for reading PyTorch .bin pickles)"
+)
+MERGEKIT_FLAGS = {"--lazy-unpickle": f"{LAZY_READS}; drop the flag"}
 
 
 class MergekitFlagsCommand(TyperCommand):
