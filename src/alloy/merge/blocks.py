@@ -46,6 +46,15 @@ class Block:
         device = self.models[0].device if self.models else torch.device("cpu")
         return torch.Generator(device=device).manual_seed(self.seed)
 
+    def task_vectors(self) -> torch.Tensor:
+        """Each model minus the base, in one new tensor: [N, r, *rest]."""
+        base = self.base
+        assert base is not None, "task vectors need a base model"
+        deltas = base.new_empty((len(self.models), *base.shape))
+        for i, model in enumerate(self.models):
+            torch.sub(model, base, out=deltas[i])
+        return deltas
+
 
 class Merger(Protocol):
     """What a merge method's factory returns."""

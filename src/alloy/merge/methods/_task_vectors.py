@@ -156,11 +156,7 @@ class TaskVectorMerge:
         cached = self._cache.get(block.index)
         if cached is not None:
             return cached
-        base = block.base
-        assert base is not None
-        deltas = base.new_empty((len(block.models), *base.shape))  # [N, r, *rest]
-        for i, model in enumerate(block.models):
-            torch.sub(model, base, out=deltas[i])
+        deltas = block.task_vectors()  # [N, r, *rest]
         if keep and self._numel * len(self.weights) <= CACHE_ELEMENTS:
             self._cache[block.index] = deltas
         return deltas

@@ -44,8 +44,7 @@ def ram(*, epsilon: Annotated[float, NON_NEGATIVE] = 1e-5) -> Elementwise:
 
 def changes(block: Block, epsilon: float) -> tuple[torch.Tensor, torch.Tensor]:
     """The block's task vectors, and where each counts as changed (|tau_i| > epsilon)."""
-    assert block.base is not None
-    deltas = torch.stack([model - block.base for model in block.models])  # [N, r, *rest]
+    deltas = block.task_vectors()  # [N, r, *rest]
     return deltas, deltas.abs() > epsilon  # [N, r, *rest] twice
 
 

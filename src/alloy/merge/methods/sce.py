@@ -54,12 +54,6 @@ def sce(
     return Sce(select_topk)
 
 
-def deltas_of(block: Block) -> torch.Tensor:
-    """The block's task vectors, stacked: [N, r, *rest]."""
-    assert block.base is not None
-    return torch.stack([model - block.base for model in block.models])
-
-
 def variance(deltas: torch.Tensor) -> torch.Tensor:
     """Per entry, the population variance of the task vectors over the models: [r, *rest]."""
     return torch.var(deltas, dim=0, unbiased=False)
@@ -102,7 +96,7 @@ class Sce:
     def reduce(self, step: int, block: Block) -> None:
         if not self.wants(step):
             return
-        deltas = deltas_of(block)
+        deltas = block.task_vectors()
         if self._selecting and step == 0:
             self._nonzero += int(torch.count_nonzero(variance(deltas)))
         elif self._selecting and step <= self._radix:
@@ -156,7 +150,7 @@ class Sce:
 
     def apply(self, block: Block) -> torch.Tensor:
         assert block.base is not None and self._energies is not None
-        deltas = self._selected(deltas_of(block))
+        deltas = self._selected(block.task_vectors())
         weights = energy_weights(self._energies).to(deltas.device)
         weights = weights.view(-1, *([1] * (deltas.dim() - 1)))  # [N, 1, ...]
         # erase: the sign elected by the plain sum (TIES's "sum" election)
